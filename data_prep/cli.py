@@ -1,0 +1,192 @@
+"""`prep` commands: corpus, tokenizer, shards. The top-level `plmscale` CLI mounts them with
+`add_prep_parser(subparsers)`; `python -m data_prep.cli prep ...` runs them alone.
+
+    python -m data_prep.cli prep corpus --out data/corpus.jsonl
+    python -m data_prep.cli prep tokenizer --input data/corpus.jsonl --out data/tokenizer --vocab-size 8000
+    python -m data_prep.cli prep shards --input data/corpus.jsonl --tokenizer data/tokenizer/tokenizer.model
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+from data_prep import UserError
+from data_prep.readers import check_inputs
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not > 0")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def _user_errors(command):
+    """A user's mistake ends the command with one line on stderr and exit code 2, no traceback."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> None:
+        try:
+            command(args)
+        except UserError as exc:
+            print(f"plmscale prep {args.prep_command}: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
+
+
+def _print_rejected(rejected: dict) -> None:
+    for reason, entry in rejected.items():
+        first = ", ".join(f"{e['file']}:{e['line']}" for e in entry["examples"][:2])
+        print(f"  rejected {reason}: {entry['count']} (first: {first})")
+
+
+@_user_errors
+def run_corpus(args: argparse.Namespace) -> None:
+    from data_prep.corpus import write_corpus
+
+    stats = write_corpus(args.out, max_mb=args.max_mb, min_chars=args.min_chars)
+    capped = " (capped by --max-mb)" if stats["capped"] else ""
+    print(
+        f"corpus: {stats['documents']} documents, {stats['bytes'] / 1e6:.2f} MB{capped} "
+        f"from {stats['files']} stdlib files -> {args.out}"
+    )
+
+
+@_user_errors
+def run_tokenizer(args: argparse.Namespace) -> None:
+    check_inputs(args.input)
+    from data_prep.tokenizer import train_tokenizer  # slow imports, after the quick checks
+
+    sidecar = train_tokenizer(
+        args.input,
+        args.out,
+        text_field=args.text_field,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        input_sentence_size=args.input_sentence_size,
+        character_coverage=args.character_coverage,
+        num_threads=args.threads,
+        seed=args.seed,
+    )
+    counts = sidecar["counts"]
+    print(
+        f"tokenizer: {args.model_type} vocab {sidecar['vocab_size']} from {counts['documents_used']} "
+        f"documents, {counts['sentences']} sentences in {sidecar['seconds']:.1f}s -> {args.out}/tokenizer.model"
+    )
+    _print_rejected(sidecar["rejected"])
+
+
+@_user_errors
+def run_shards(args: argparse.Namespace) -> None:
+    check_inputs(args.input)
+    if not args.tokenizer.is_file():
+        raise UserError(f"tokenizer not found: {args.tokenizer} (train one with `plmscale prep tokenizer`)")
+    from data_prep.shards import build_shards  # slow imports, after the quick checks
+
+    manifest = build_shards(
+        args.input,
+        args.tokenizer,
+        args.out,
+        text_field=args.text_field,
+        workers=args.workers,
+        valid_fraction=args.valid_fraction,
+        shard_tokens=args.shard_tokens,
+        chunk_documents=args.chunk_documents,
+        progress=not args.no_progress,
+    )
+    counts, splits = manifest["counts"], manifest["splits"]
+    print(
+        f"shards: {counts['documents_written']}/{counts['documents_in']} documents, {counts['sentences']} "
+        f"sentences, {counts['tokens']} tokens in {manifest['seconds']:.1f}s "
+        f"({counts['tokens'] / max(manifest['seconds'], 1e-9):,.0f} tokens/s, {args.workers} workers)"
+    )
+    for split, shards in splits.items():
+        print(f"  {split}: {len(shards)} shards, {sum(s['tokens'] for s in shards)} tokens")
+    _print_rejected(manifest["rejected"])
+    print(f"  -> {manifest['directory']}/manifest.json")
+
+
+def _add_input_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        default=["data/corpus.jsonl"],
+        help="files (.jsonl, .txt, .parquet) or directories, incl. `save_to_disk` datasets",
+    )
+    parser.add_argument("--text-field", default="text", help="the text column of JSONL, parquet and datasets")
+
+
+def add_prep_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `prep {corpus,tokenizer,shards}` on an argparse subparsers object; each sets `func`."""
+    prep = subparsers.add_parser("prep", help="offline data preparation: corpus, tokenizer, shards")
+    commands = prep.add_subparsers(dest="prep_command", required=True)
+
+    corpus = commands.add_parser("corpus", help="write the embedded corpus (stdlib docstrings) as JSONL")
+    corpus.add_argument("--out", type=Path, default=Path("data/corpus.jsonl"))
+    corpus.add_argument("--max-mb", type=_positive(float), default=64.0, help="size cap of the output")
+    corpus.add_argument("--min-chars", type=_positive(int), default=200, help="shortest docstring kept")
+    corpus.set_defaults(func=run_corpus)
+
+    tokenizer = commands.add_parser("tokenizer", help="train the SentencePiece tokenizer")
+    _add_input_args(tokenizer)
+    tokenizer.add_argument("--out", type=Path, default=Path("data/tokenizer"), help="output directory")
+    tokenizer.add_argument(
+        "--vocab-size", type=_positive(int), default=8000, help="at most ~10k for the embedded corpus"
+    )
+    tokenizer.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
+    tokenizer.add_argument(
+        "--input-sentence-size",
+        type=_positive(int),
+        default=2_000_000,
+        help="sentences sampled for training (bounds memory)",
+    )
+    tokenizer.add_argument("--character-coverage", type=float, default=0.9995)
+    tokenizer.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=1,
+        help="training threads; the model is reproducible for a given count",
+    )
+    tokenizer.add_argument("--seed", type=int, default=0, help="seed of the sentence sample")
+    tokenizer.set_defaults(func=run_tokenizer)
+
+    shards = commands.add_parser("shards", help="tokenize into megatron-core indexed dataset shards")
+    _add_input_args(shards)
+    shards.add_argument("--tokenizer", type=Path, default=Path("data/tokenizer/tokenizer.model"))
+    shards.add_argument("--out", type=Path, default=Path("data/shards"), help="output directory")
+    shards.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1)
+    shards.add_argument("--valid-fraction", type=_fraction, default=0.01, help="held-out share of documents")
+    shards.add_argument("--shard-tokens", type=_positive(int), default=50_000_000, help="tokens per shard")
+    shards.add_argument(
+        "--chunk-documents", type=_positive(int), default=256, help="documents per worker task"
+    )
+    shards.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shards.set_defaults(func=run_shards)
+    return prep
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.cli")
+    add_prep_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

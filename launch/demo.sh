@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole plmscale path on the embedded corpus (the standard library's docstrings; nothing downloaded):
+# corpus -> SentencePiece tokenizer -> indexed shards -> pre-train a small BERT with dynamic MLM on 2
+# processes (deepspeed launcher, ZeRO-2) -> distill it into a half-depth student -> export the student for
+# Hugging Face -> evaluate teacher and student on held-out text and print a report.
+#
+#   make demo                                              # or, inside the virtualenv: bash launch/demo.sh
+#   DEMO_TEACHER_STEPS=20 DEMO_STUDENT_STEPS=10 DEMO_DIR=/tmp/demo bash launch/demo.sh   # a quick pass
+#
+# Re-running is cheap: finished runs resume from their last checkpoint and stop at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out="${DEMO_DIR:-runs/demo}"
+data="$out/data"
+teacher_steps="${DEMO_TEACHER_STEPS:-300}"
+student_steps="${DEMO_STUDENT_STEPS:-150}"
+start=$(date +%s)
+
+plmscale prep corpus --out "$data/corpus.jsonl"
+plmscale prep tokenizer --input "$data/corpus.jsonl" --vocab-size 8000 --out "$data/tokenizer"
+plmscale prep shards --input "$data/corpus.jsonl" --tokenizer "$data/tokenizer/tokenizer.model" \
+  --workers 2 --valid-fraction 0.03 --out "$data/shards"
+
+launch/train.sh launch/recipes/bert_tiny_demo.yaml \
+  data.shards="$data/shards" train.output_dir="$out/teacher" train.train_steps="$teacher_steps"
+launch/train.sh launch/recipes/bert_tiny_distill.yaml --distill \
+  data.shards="$data/shards" distill.teacher="$out/teacher/model" train.output_dir="$out/student" \
+  train.train_steps="$student_steps"
+
+plmscale export --model "$out/student/model" --format hf --output "$out/student_hf"
+plmscale eval --teacher "$out/teacher/model" --student "$out/student/model" --shards "$data/shards" \
+  --runs teacher="$out/teacher" student="$out/student" --export "$out/student_hf" --plot "$out/loss_curves.png"
+
+echo "demo wall time: $(( $(date +%s) - start )) s"

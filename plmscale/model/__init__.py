@@ -1,0 +1,6 @@
+"""The transformer trunk and its heads; parallelism is applied from plmscale.parallel."""
+
+from plmscale.model.layers import LayerSpec, LocalLayers
+from plmscale.model.transformer import TransformerLM
+
+__all__ = ["LayerSpec", "LocalLayers", "TransformerLM"]

@@ -1,0 +1,38 @@
+"""Output heads, both tied to the word embedding: the MLM head of BERT and the plain LM head of GPT."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plmscale.config import ModelConfig
+from plmscale.model.layers import LayerSpec
+
+
+class MLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> tied projection + bias (BERT's transform before the decoder)."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        nn.init.normal_(self.dense.weight, std=cfg.init_std)
+        nn.init.zeros_(self.dense.bias)
+        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.output = spec.output_projection(cfg.hidden_size, cfg.padded_vocab_size, bias=True)
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return self.output(self.ln(F.gelu(self.dense(hidden))), embedding_weight)
+
+
+class LMHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.output = spec.output_projection(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return self.output(hidden, embedding_weight)
+
+
+def build_head(cfg: ModelConfig, spec: LayerSpec) -> nn.Module:
+    return MLMHead(cfg, spec) if cfg.kind == "encoder" else LMHead(cfg, spec)

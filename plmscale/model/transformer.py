@@ -1,0 +1,131 @@
+"""A pre-LayerNorm transformer that serves as encoder (bidirectional) or decoder (causal).
+
+Shapes are [batch, seq, hidden]. Attention runs through `scaled_dot_product_attention`. The fused QKV
+projection is laid out per head as [heads, (q, k, v), head_dim] so that sharding its output dimension hands
+each tensor-parallel rank whole heads; the number of local heads is read off the projection's output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plmscale.config import ModelConfig
+from plmscale.model.heads import build_head
+from plmscale.model.layers import LayerSpec, LocalLayers
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.attention_dropout
+        self.qkv = spec.column_linear(cfg.hidden_size, 3 * cfg.hidden_size, cfg.init_std)
+        # Scaled init of residual projections (GPT-2 / Megatron): keeps the residual stream's variance flat.
+        self.proj = spec.row_linear(
+            cfg.hidden_size, cfg.hidden_size, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and mask is None,
+        )
+        return self.proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.fc_in = spec.column_linear(cfg.hidden_size, cfg.ffn_size, cfg.init_std)
+        self.fc_out = spec.row_linear(
+            cfg.ffn_size, cfg.hidden_size, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.attn = Attention(cfg, spec)
+        self.ln_mlp = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.mlp = MLP(cfg, spec)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln_attn(x), mask, causal))
+        return x + self.dropout(self.mlp(self.ln_mlp(x)))
+
+
+class TransformerLM(nn.Module):
+    """Embeddings -> blocks -> final LayerNorm -> head tied to the word embedding.
+
+    Returns vocabulary-shard logits; the spec's `cross_entropy` / `gather_logits` consume them. With
+    `target_mask`, the head runs only where it is True and returns [targets, vocab]: MLM predicts ~15 % of
+    positions, and the vocabulary projection is the costliest matmul of a small model.
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec | None = None):
+        super().__init__()
+        spec = spec or LocalLayers()
+        self.cfg, self.spec = cfg, spec
+        self.causal = cfg.kind == "decoder"
+        self.word_embeddings = spec.embedding(cfg.padded_vocab_size, cfg.hidden_size, cfg.init_std)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        nn.init.normal_(self.position_embeddings.weight, std=cfg.init_std)
+        if cfg.kind == "encoder" and cfg.type_vocab_size:
+            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+            nn.init.normal_(self.token_type_embeddings.weight, std=cfg.init_std)
+        else:
+            self.token_type_embeddings = None
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.layers = nn.ModuleList(Block(cfg, spec) for _ in range(cfg.num_layers))
+        self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.head = build_head(cfg, spec)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(token_type_ids)
+        x = self.embedding_dropout(x)
+        mask = self.attention_bias(attention_mask, input_ids.shape[1]) if attention_mask is not None else None
+        for layer in self.layers:
+            x = layer(x, mask, self.causal)
+        return self.final_ln(x)
+
+    def attention_bias(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+        """Boolean [b, 1, s, s] mask (True = attend) from a [b, s] padding mask, causal for decoders."""
+        keep = attention_mask.bool()[:, None, None, :]
+        if self.causal:
+            keep = keep & torch.ones(seq, seq, dtype=torch.bool, device=keep.device).tril()
+        return keep
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        if target_mask is not None:
+            hidden = hidden[target_mask]
+        return self.head(hidden, self.word_embeddings.weight)

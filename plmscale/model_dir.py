@@ -1,0 +1,61 @@
+"""The model directory: what training and distillation hand to export and evaluation.
+
+model.safetensors   full (unsharded) fp32 weights, parameter names of `TransformerLM`
+config.yaml         the run config that produced it (its `model` section rebuilds the network)
+tokenizer.model     the SentencePiece model the data was tokenized with
+meta.json           step, tokens seen, final validation metrics
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from plmscale.config import ModelConfig, RunConfig, save_config
+from plmscale.model import TransformerLM
+
+WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.yaml", "tokenizer.model", "meta.json"
+
+
+def save_model_dir(
+    directory: str | Path,
+    state: dict[str, torch.Tensor],
+    config: RunConfig,
+    tokenizer: str | Path,
+    meta: dict,
+) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
+    save_config(config, out / CONFIG)
+    shutil.copyfile(tokenizer, out / TOKENIZER)
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_run_config(directory: str | Path) -> RunConfig:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a plmscale model directory (no {CONFIG})")
+    return RunConfig.model_validate(yaml.safe_load(path.read_text()))
+
+
+def load_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / WEIGHTS))
+
+
+def load_meta(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / META).read_text())
+
+
+def load_local_model(directory: str | Path) -> tuple[TransformerLM, ModelConfig]:
+    """The unsharded model in eval mode, for export, evaluation and inference."""
+    cfg = load_run_config(directory).model
+    model = TransformerLM(cfg)
+    model.load_state_dict(load_state(directory))
+    return model.eval(), cfg

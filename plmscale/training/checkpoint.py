@@ -1,0 +1,41 @@
+"""Resumable checkpoints through DeepSpeed's engine, plus the final consolidated model directory.
+
+DeepSpeed saves the sharded model, optimizer and LR-scheduler state and the `latest` tag; plmscale adds
+the step (which alone fixes the data order, see plmscale/data/loader.py) and the resolved run config.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+from plmscale.config import RunConfig
+
+
+def save(engine, directory: Path, step: int, config: RunConfig, keep: int, is_main: bool) -> None:
+    """Saves after `step` optimizer steps; keeps the newest `keep` checkpoints."""
+    client_state = {
+        "step": step,
+        "config": config.model_dump(mode="json"),
+        # lets DeepSpeed's ds_to_universal convert this checkpoint for a different parallel layout
+        "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
+    }
+    engine.save_checkpoint(str(directory), tag=f"step_{step:08d}", client_state=client_state)
+    dist.barrier()
+    if is_main:
+        tags = sorted(p for p in directory.glob("step_*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def resume(engine, directory: Path) -> int:
+    """Loads the latest checkpoint if there is one; returns the number of optimizer steps already done."""
+    if not (directory / "latest").is_file():
+        return 0
+    path, client_state = engine.load_checkpoint(str(directory))
+    if path is None:
+        raise RuntimeError(f"{directory}/latest names a checkpoint that could not be loaded")
+    return int(client_state["step"])

@@ -1,0 +1,203 @@
+"""The training loop (pre-training and distillation), run once per process by the `deepspeed` launcher.
+
+    deepspeed --num_gpus 2 -m plmscale.cli train --config launch/recipes/bert_tiny_demo.yaml
+
+Every loss is a (sum, count) pair; each step the global count of targets is all-reduced first, so the
+gradient is that of sum / global count however the targets fall across micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from plmscale import model_dir
+from plmscale.config import RunConfig, save_config
+from plmscale.data import BatchSource, PackedStream
+from plmscale.distill import DistillationLoss, default_student_layers, student_state_from_teacher
+from plmscale.distill.student import check_student_config
+from plmscale.objectives import get_objective
+from plmscale.parallel.distributed import DeepSpeedMPU, Topology, all_reduce_dp, device, init_distributed
+from plmscale.parallel.state_dict import full_state_dict, load_full_state_dict
+from plmscale.parallel.tensor_parallel import build_parallel_model
+from plmscale.training import checkpoint
+from plmscale.training.metrics import MetricsLogger
+
+
+def flops_per_token(cfg: RunConfig) -> float:
+    """Forward + backward FLOPs per token: 6 N for the weights plus attention scores (PaLM appendix B)."""
+    m = cfg.model
+    weights = m.non_embedding_params() + m.hidden_size * m.padded_vocab_size
+    return 6 * weights + 12 * m.num_layers * m.hidden_size * cfg.data.seq_length
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, LayerNorms and other vectors."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _dropout_seed(seed: int, step: int, micro: int) -> int:
+    """Dropout randomness is a function of the step, so a resumed run draws the same masks."""
+    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, world_size: int):
+        self.cfg = cfg
+        self.accumulation = cfg.check_world(world_size)
+        ds_config = cfg.deepspeed_config(world_size)
+        self.topo: Topology = init_distributed(cfg.parallel.tensor_parallel)
+        torch.manual_seed(cfg.train.seed)
+        self.objective = get_objective(cfg.objective.name, cfg.objective.params, cfg.model)
+        self.manifest_tokenizer = self._check_tokenizer()
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.model = build_parallel_model(cfg.model)
+        self.loss_fn = self.objective.loss
+        if cfg.distill:
+            self.loss_fn = self._set_up_distillation(dtype)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model,
+            model_parameters=_param_groups(self.model, cfg.optimizer.weight_decay),
+            config=ds_config,
+            mpu=DeepSpeedMPU(),
+        )
+        self.device = device()
+        self.train_data = self._batch_source(cfg.data.train_split, shuffle=True)
+        self.valid_data = self._batch_source(cfg.data.valid_split, shuffle=False)
+        self.output = Path(cfg.train.output_dir)
+        self.checkpoints = self.output / "checkpoints"
+
+    def _check_tokenizer(self) -> str:
+        from data_prep.manifest import load_manifest
+
+        manifest = load_manifest(self.cfg.data.shards, verify=self.cfg.data.verify_checksums)
+        vocab = manifest["tokenizer"]["vocab_size"]
+        if vocab != self.cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={self.cfg.model.vocab_size} but the shards' tokenizer has {vocab}"
+            )
+        return manifest["tokenizer"]["path"]
+
+    def _batch_source(self, split: str, shuffle: bool) -> BatchSource:
+        stream = PackedStream.from_manifest(self.cfg.data.shards, split, verify=False)
+        t = self.cfg.train
+        return BatchSource(
+            stream, self.objective, self.cfg.data.seq_length, t.micro_batch_size,
+            self.topo.dp_size, self.topo.dp_rank, t.seed, shuffle,
+        )  # fmt: skip
+
+    def _set_up_distillation(self, dtype: torch.dtype) -> DistillationLoss:
+        """Teacher built with the same tensor parallelism, student initialized from its layers."""
+        d = self.cfg.distill
+        teacher_cfg = model_dir.load_run_config(d.teacher).model
+        layers = d.student_layers or default_student_layers(teacher_cfg.num_layers, self.cfg.model.num_layers)
+        check_student_config(teacher_cfg, self.cfg.model, layers)
+        teacher_state = model_dir.load_state(d.teacher)
+        teacher = build_parallel_model(teacher_cfg)
+        load_full_state_dict(teacher, teacher_state)
+        load_full_state_dict(self.model, student_state_from_teacher(teacher_state, layers))
+        teacher.to(device=device(), dtype=dtype)
+        return DistillationLoss(teacher, self.objective, d.temperature, d.alpha)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.engine(**self.objective.model_inputs(batch))
+
+    def train_step(self, step: int) -> dict[str, float]:
+        batches = [self._to_device(b) for b in self.train_data.micro_batches(step, self.accumulation)]
+        local_count = sum(self.objective.target_count(b) for b in batches)
+        (global_count,) = all_reduce_dp([local_count])
+        # DeepSpeed averages over micro-batches and data-parallel ranks; undo that so grad = d(sum)/global.
+        scale = self.accumulation * self.topo.dp_size / max(global_count, 1)
+        local_sum = 0.0
+        for micro, batch in enumerate(batches):
+            torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, micro))
+            loss_sum, _ = self.loss_fn(self._forward(batch), batch, self.model.spec)
+            self.engine.backward(loss_sum * scale)
+            self.engine.step()
+            local_sum += loss_sum.item()
+        (global_sum,) = all_reduce_dp([local_sum])
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": global_sum / max(global_count, 1),
+            "targets": global_count,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and target accuracy on a fixed slice of the held-out split (fixed masks)."""
+        self.engine.eval()
+        totals = [0.0, 0.0, 0.0]
+        for batch in self.valid_data.micro_batches(0, self.cfg.train.eval_batches):
+            batch = self._to_device(batch)
+            logits = self._forward(batch)
+            loss_sum, count = self.objective.loss(logits, batch, self.model.spec)
+            predicted = self.model.spec.gather_logits(logits).argmax(-1)
+            correct = (predicted == self.objective.targets(batch)).sum().item()
+            totals = [totals[0] + loss_sum.item(), totals[1] + count, totals[2] + correct]
+        self.engine.train()
+        loss_sum, count, correct = all_reduce_dp(totals)
+        return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "targets": count}
+
+    def run(self) -> Path | None:
+        cfg, topo = self.cfg, self.topo
+        start = checkpoint.resume(self.engine, self.checkpoints)
+        if topo.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output / "config.yaml")
+        logger = MetricsLogger(self.output, topo.is_main, start, cfg.train.train_steps)
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+        flops = flops_per_token(cfg) * tokens_per_step
+        self.engine.train()
+        window_start, window_steps = time.perf_counter(), 0
+        evaluation = {}
+        for step in range(start, cfg.train.train_steps):
+            stats = self.train_step(step)
+            done = step + 1
+            window_steps += 1
+            logger.advance()
+            if done % cfg.train.log_interval == 0 or done == cfg.train.train_steps:
+                elapsed = time.perf_counter() - window_start
+                stats["tokens_per_s"] = tokens_per_step * window_steps / elapsed
+                stats["flops_per_s"] = flops * window_steps / elapsed
+                logger.log("train", done, stats)
+                window_start, window_steps = time.perf_counter(), 0
+            if done % cfg.train.eval_interval == 0 or done == cfg.train.train_steps:
+                evaluation = self.evaluate()
+                logger.log("eval", done, evaluation)
+            if done % cfg.train.save_interval == 0 or done == cfg.train.train_steps:
+                checkpoint.save(
+                    self.engine, self.checkpoints, done, cfg, cfg.train.keep_checkpoints, topo.is_main
+                )
+        logger.close()
+        return self._write_model_dir(evaluation)
+
+    def _write_model_dir(self, evaluation: dict[str, float]) -> Path | None:
+        """Consolidates the sharded weights into one unsharded model directory (rank 0 writes)."""
+        state = full_state_dict(self.model)
+        out = None
+        if self.topo.is_main:
+            meta = {
+                "step": self.cfg.train.train_steps,
+                "tokens": self.cfg.train.train_steps
+                * self.cfg.train.global_batch_size
+                * self.cfg.data.seq_length,
+                "valid": evaluation,
+            }
+            out = model_dir.save_model_dir(
+                self.output / "model", state, self.cfg, self.manifest_tokenizer, meta
+            )
+            print(json.dumps({"model_dir": str(out), **meta}))
+        dist.barrier()
+        return out

@@ -1,0 +1,94 @@
+"""Shared fixtures: a small real corpus, tokenizer and shards, and a way to launch gloo process groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TEST_VOCAB = 2000
+
+# Subprocesses (the deepspeed launcher and its ranks) run on DeepSpeed's CPU accelerator, 1 thread each.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """The embedded corpus (first ~400 KB), a 2000-piece tokenizer and its shards."""
+    from data_prep.corpus import write_corpus
+    from data_prep.shards import build_shards
+    from data_prep.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    write_corpus(root / "corpus.jsonl", max_mb=0.4)
+    train_tokenizer([root / "corpus.jsonl"], root / "tokenizer", vocab_size=TEST_VOCAB)
+    build_shards(
+        [root / "corpus.jsonl"], root / "tokenizer" / "tokenizer.model", root / "shards",
+        workers=2, valid_fraction=0.05, progress=False,
+    )  # fmt: skip
+    return root / "shards"
+
+
+def tiny_recipe(shards: Path, output_dir: Path, kind: str = "encoder", **sections) -> dict:
+    """A recipe small enough to train a few steps on 2 CPU processes in seconds."""
+    recipe = {
+        "model": {
+            "kind": kind, "vocab_size": TEST_VOCAB, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+            "max_position_embeddings": 64, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        },
+        "data": {"shards": str(shards), "seq_length": 64},
+        "objective": {"name": "mlm" if kind == "encoder" else "causal_lm"},
+        "parallel": {"tensor_parallel": 1},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 1, "decay": "linear"},
+        "train": {
+            "deepspeed_config": str(REPO / "ds_configs" / "zero2.json"), "micro_batch_size": 8,
+            "global_batch_size": 16, "train_steps": 8, "seed": 7, "output_dir": str(output_dir),
+            "log_interval": 1, "eval_interval": 4, "eval_batches": 2, "save_interval": 4,
+        },
+    }  # fmt: skip
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def launch_command(recipe: Path, nprocs: int, command: str = "train") -> list[str]:
+    return [
+        str(BIN / "deepspeed"), "--no_local_rank", "--num_gpus", str(nprocs), "--master_port", str(free_port()),
+        "--module", "plmscale.cli", command, "--config", str(recipe),
+    ]  # fmt: skip
+
+
+def launch(recipe: Path, nprocs: int = 2, command: str = "train", timeout: int = 300) -> str:
+    """Runs a recipe under the real deepspeed launcher; fails the test with the log if it fails."""
+    proc = subprocess.run(
+        launch_command(recipe, nprocs, command), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"launch failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout
+
+
+def read_metrics(output_dir: Path, kind: str = "train") -> dict[int, dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row for row in map(json.loads, lines) if row["kind"] == kind}

@@ -1,0 +1,153 @@
+"""evaluate() numbers can be recomputed by hand, repeat exactly, and the report draws and summarizes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from test_export_hf import TRAIN_LINES, docstring_lines, make_model_dir, train_tiny_tokenizer
+
+from data_prep.manifest import FORMAT, write_manifest
+from plmscale.data import BatchSource, PackedStream
+from plmscale.eval import add_eval_parser
+from plmscale.eval.evaluate import evaluate
+from plmscale.eval.report import report
+from plmscale.model_dir import load_local_model, load_run_config
+from plmscale.objectives import get_objective
+from plmscale.tokenizer import Tokenizer, file_sha256
+
+TIMINGS = ("tokens_per_s", "threads")
+
+
+def write_shards(directory, tokenizer_path) -> None:
+    """A `valid` split of one shard, one document per docstring line, and its manifest."""
+    directory.mkdir()
+    tokenizer = Tokenizer(tokenizer_path)
+    builder = IndexedDatasetBuilder(str(directory / "valid_00000.bin"), dtype=np.uint16)
+    for ids in tokenizer.encode(docstring_lines()[TRAIN_LINES:]):
+        builder.add_document(torch.tensor(ids), [len(ids)])
+    builder.finalize(str(directory / "valid_00000.idx"))
+    files = {name: file_sha256(directory / name) for name in ("valid_00000.bin", "valid_00000.idx")}
+    write_manifest(
+        directory,
+        {
+            "format": FORMAT,
+            "tokenizer": {
+                "path": str(tokenizer_path),
+                "sha256": tokenizer.sha256,
+                "vocab_size": tokenizer.vocab_size,
+            },
+            "splits": {"valid": [{"prefix": "valid_00000", "files": files}]},
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    tokenizer = train_tiny_tokenizer(root)
+    write_shards(root / "shards", tokenizer)
+    models = {
+        "teacher": make_model_dir(root / "teacher", "encoder", tokenizer, num_layers=2),
+        "student": make_model_dir(root / "student", "encoder", tokenizer, num_layers=1, seed=1),
+        "decoder": make_model_dir(root / "decoder", "decoder", tokenizer, num_layers=1),
+    }
+    return root, models
+
+
+def without_timings(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in TIMINGS}
+
+
+def test_loss_and_accuracy_match_a_hand_computation(setup):
+    root, models = setup
+    result = evaluate(models["teacher"], root / "shards", batches=2, batch_size=3, seed=7)
+    model, cfg = load_local_model(models["teacher"])
+    run_cfg = load_run_config(models["teacher"])
+    objective = get_objective(run_cfg.objective.name, run_cfg.objective.params, cfg)
+    source = BatchSource(
+        PackedStream.from_manifest(str(root / "shards"), "valid"), objective, 32, 3, 1, 0, 7, False
+    )
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in source.micro_batches(0, 2):
+            logits.append(model(batch["input_ids"]).flatten(0, 1))
+            labels.append(batch["labels"].flatten())
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    targets = labels != -100
+    assert result["targets"] == int(targets.sum()) > 0
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    accuracy = (logits.argmax(-1)[targets] == labels[targets]).float().mean().item()
+    assert result["accuracy"] == pytest.approx(accuracy) and 0 <= result["accuracy"] <= 1
+    assert result["tokens"] == 2 * 3 * 32 and result["tokens_per_s"] > 0 and result["threads"] >= 1
+
+
+def test_same_seed_same_numbers_other_seed_other_masks(setup):
+    root, models = setup
+    first, second = (
+        evaluate(models["teacher"], root / "shards", batches=2, batch_size=2, seed=3) for _ in "ab"
+    )
+    other = evaluate(models["teacher"], root / "shards", batches=2, batch_size=2, seed=4)
+    assert without_timings(first) == without_timings(second)
+    assert other["loss"] != first["loss"]
+
+
+def test_decoder_scores_every_next_token(setup):
+    root, models = setup
+    result = evaluate(models["decoder"], root / "shards", batches=2, batch_size=2)
+    assert result["objective"] == "causal_lm" and result["targets"] == 2 * 2 * 32
+    assert 0 <= result["accuracy"] <= 1 and result["loss"] > 0
+
+
+def test_shards_of_another_tokenizer_are_refused(setup, tmp_path):
+    root, models = setup
+    shards = shutil.copytree(root / "shards", tmp_path / "shards")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "0" * 64
+    write_manifest(shards, manifest)
+    with pytest.raises(ValueError, match="sha256 differs"):
+        evaluate(models["teacher"], shards)
+
+
+def write_metrics(run_dir, losses: list[float]) -> None:
+    run_dir.mkdir()
+    (run_dir / "tensorboard").mkdir()
+    lines = [
+        {"kind": "train", "step": 10 * (i + 1), "loss": loss, "lr": 1e-3} for i, loss in enumerate(losses)
+    ]
+    lines.append({"kind": "eval", "step": 10 * len(losses), "loss": losses[-1] + 0.1, "accuracy": 0.2})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_eval_command_writes_report_plot_and_json(setup, tmp_path):
+    root, models = setup
+    write_metrics(tmp_path / "pretrain", [8.0, 6.0, 5.0, 4.0])
+    write_metrics(tmp_path / "distill", [5.0, 4.5])
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["eval", "--teacher", str(models["teacher"]), "--student", str(models["student"]),
+         "--shards", str(root / "shards"), "--batches", "2", "--batch-size", "2",
+         "--runs", f"pretrain={tmp_path / 'pretrain'}", f"distill={tmp_path / 'distill'}",
+         "--plot", str(tmp_path / "plots" / "loss.png"), "--json", str(tmp_path / "eval.json"), "--export", "hf_dir"]
+    )  # fmt: skip
+    text = args.func(args)
+    assert (tmp_path / "plots" / "loss.png").read_bytes().startswith(b"\x89PNG")
+    numbers = json.loads((tmp_path / "eval.json").read_text())
+    assert numbers["teacher"]["targets"] == numbers["student"]["targets"]  # same masks for both
+    assert "pretrain: train loss 8.0000 (step 10) -> 4.0000 (step 40), fell by 4.0000 (50.0%)" in text
+    assert "x the speed" in text and "x the parameters" in text
+    assert f"tensorboard {tmp_path / 'pretrain' / 'tensorboard'}" in text and "hf_dir" in text
+
+
+def test_report_without_student_or_runs(setup, capsys):
+    root, models = setup
+    teacher = evaluate(models["teacher"], root / "shards", batches=1, batch_size=2)
+    text = report(teacher)
+    assert "teacher" in text and "student" not in text and text in capsys.readouterr().out
