@@ -13,14 +13,14 @@ cd "$(dirname "$0")/.."
 
 out="${DEMO_DIR:-runs/demo}"
 data="$out/data"
-teacher_steps="${DEMO_TEACHER_STEPS:-300}"
-student_steps="${DEMO_STUDENT_STEPS:-150}"
+teacher_steps="${DEMO_TEACHER_STEPS:-800}"
+student_steps="${DEMO_STUDENT_STEPS:-200}"
 start=$(date +%s)
 
 plmscale prep corpus --out "$data/corpus.jsonl"
 plmscale prep tokenizer --input "$data/corpus.jsonl" --vocab-size 8000 --out "$data/tokenizer"
 plmscale prep shards --input "$data/corpus.jsonl" --tokenizer "$data/tokenizer/tokenizer.model" \
-  --workers 2 --valid-fraction 0.03 --out "$data/shards"
+  --workers 2 --valid-fraction 0.05 --out "$data/shards"
 
 launch/train.sh launch/recipes/bert_tiny_demo.yaml \
   data.shards="$data/shards" train.output_dir="$out/teacher" train.train_steps="$teacher_steps"

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from data_prep import UserError
-from data_prep.manifest import ManifestError
-from plmscale.config import ConfigError, load_config
+# megatron-core warns on import that the CUDA-only Transformer Engine / Apex are absent; plmscale never uses them.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+from data_prep import UserError  # noqa: E402
+from data_prep.manifest import ManifestError  # noqa: E402
+from plmscale.config import ConfigError, load_config  # noqa: E402
 
 
 def _run_training(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep import UserError
 from data_prep.manifest import load_manifest
 from plmscale.data import BatchSource, PackedStream
 from plmscale.model_dir import TOKENIZER, load_local_model, load_run_config
@@ -23,7 +24,7 @@ def check_same_tokenizer(model_dir: Path, shards_dir: str | Path) -> None:
     """Shards of another tokenizer would give a meaningless loss: refuse them."""
     manifest = load_manifest(shards_dir, verify=False)
     if manifest["tokenizer"]["sha256"] != file_sha256(model_dir / TOKENIZER):
-        raise ValueError(
+        raise UserError(
             f"{shards_dir} was tokenized with {manifest['tokenizer']['path']}, "
             f"not with {model_dir / TOKENIZER} (sha256 differs)"
         )

@@ -31,11 +31,30 @@ def save(engine, directory: Path, step: int, config: RunConfig, keep: int, is_ma
     dist.barrier()
 
 
-def resume(engine, directory: Path) -> int:
+# What a checkpoint cannot be continued under if it changed (train.train_steps, say, may grow).
+_MUST_MATCH = ("model", "objective", "parallel", "data.seq_length", "train.seed", "train.global_batch_size")
+
+
+def _lookup(config: dict, dotted: str) -> dict:
+    section, _, key = dotted.partition(".")
+    return (
+        {dotted: config[section][key]} if key else {f"{section}.{k}": v for k, v in config[section].items()}
+    )
+
+
+def resume(engine, directory: Path, config: RunConfig) -> int:
     """Loads the latest checkpoint if there is one; returns the number of optimizer steps already done."""
     if not (directory / "latest").is_file():
         return 0
     path, client_state = engine.load_checkpoint(str(directory))
     if path is None:
         raise RuntimeError(f"{directory}/latest names a checkpoint that could not be loaded")
+    saved, current = client_state["config"], config.model_dump(mode="json")
+    for field in _MUST_MATCH:
+        for key, value in _lookup(current, field).items():
+            was = _lookup(saved, field).get(key)
+            if was != value:
+                raise ValueError(
+                    f"{path} was written with {key}={was!r}, not {value!r}; use a new train.output_dir"
+                )
     return int(client_state["step"])

@@ -152,7 +152,7 @@ class Trainer:
 
     def run(self) -> Path | None:
         cfg, topo = self.cfg, self.topo
-        start = checkpoint.resume(self.engine, self.checkpoints)
+        start = checkpoint.resume(self.engine, self.checkpoints, cfg)
         if topo.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output / "config.yaml")
@@ -181,7 +181,7 @@ class Trainer:
                     self.engine, self.checkpoints, done, cfg, cfg.train.keep_checkpoints, topo.is_main
                 )
         logger.close()
-        return self._write_model_dir(evaluation)
+        return self._write_model_dir(evaluation or self.evaluate())
 
     def _write_model_dir(self, evaluation: dict[str, float]) -> Path | None:
         """Consolidates the sharded weights into one unsharded model directory (rank 0 writes)."""
