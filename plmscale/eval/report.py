@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
 from matplotlib.figure import Figure
 
 METRICS = "metrics.jsonl"
@@ -33,13 +34,20 @@ def curve(records: list[dict], kind: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [loss for _, loss in points]
 
 
+def train_label(run: str | Path) -> str:
+    """A distillation run optimizes alpha * soft + (1 - alpha) * hard: not comparable to an MLM loss."""
+    config = metrics_file(run).parent / "config.yaml"
+    distill = config.is_file() and yaml.safe_load(config.read_text()).get("distill")
+    return "train (distillation loss)" if distill else "train"
+
+
 def plot_losses(runs: dict[str, str | Path], path: str | Path) -> Path:
     """Train loss as lines and held-out loss as markers, one colour per run."""
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for number, (name, run) in enumerate(runs.items()):
         records, color = read_metrics(run), f"C{number}"
-        ax.plot(*curve(records, "train"), color=color, alpha=0.8, label=f"{name} train")
+        ax.plot(*curve(records, "train"), color=color, alpha=0.8, label=f"{name} {train_label(run)}")
         steps, losses = curve(records, "eval")
         if steps:
             ax.plot(steps, losses, "o--", color=color, label=f"{name} held-out")
@@ -52,14 +60,15 @@ def plot_losses(runs: dict[str, str | Path], path: str | Path) -> Path:
     return path
 
 
-def loss_change(name: str, records: list[dict]) -> str:
+def loss_change(name: str, run: str | Path) -> str:
+    records = read_metrics(run)
     steps, losses = curve(records, "train")
     if not steps:
         return f"{name}: no train loss logged"
     fall = losses[0] - losses[-1]
     verb = "fell" if fall >= 0 else "rose"
     line = (
-        f"{name}: train loss {losses[0]:.4f} (step {steps[0]}) -> {losses[-1]:.4f} (step {steps[-1]}), "
+        f"{name}: {train_label(run)} loss {losses[0]:.4f} (step {steps[0]}) -> {losses[-1]:.4f} (step {steps[-1]}), "
         f"{verb} by {abs(fall):.4f} ({abs(fall) / losses[0]:.1%})"
     )
     eval_steps, eval_losses = curve(records, "eval")
@@ -123,7 +132,7 @@ def report(
     runs = runs or {}
     plot = plot_losses(runs, plot_path) if runs and plot_path is not None else None
     lines = ["Training:"] if runs else []
-    lines += [f"  {loss_change(name, read_metrics(run))}" for name, run in runs.items()]
+    lines += [f"  {loss_change(name, run)}" for name, run in runs.items()]
     lines += comparison(teacher, student) + outputs(runs, export_dir, plot)
     text = "\n".join(lines)
     print(text)
