@@ -1,7 +1,10 @@
-"""How close `prep shards` comes to its limit: raw SentencePiece batch encoding in the same N processes.
+"""How close `prep shards` and `prep instances` come to their limit: raw SentencePiece batch encoding in the
+same N processes.
 
 Same corpus (the embedded one, repeated to --mb), same tokenizer, same worker count. Each side runs in
-its own subprocess so that its peak RSS is its own; the fastest of --repeat runs counts.
+its own subprocess so that its peak RSS is its own; the fastest of --repeat runs counts. `prep instances`
+(BERT-style, max_seq_length 128, dupe factor 1) reads the shards the `shards` side wrote, for each of the
+--objectives; its ratio is tokenizing time / instancing time (>= 1: no slower than the tokenizer).
 
     python benchmarks/bench_prep.py --mb 20 --workers 2
 """
@@ -12,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +24,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 CHUNK = 256
+PHASES = ("raw", "shards")
 
 
 def _encode(texts: list[str]) -> int:
@@ -52,6 +57,21 @@ def shards(corpus: Path, model: str, workers: int) -> dict:
     return {"tokens": manifest["counts"]["tokens"], "seconds": time.perf_counter() - started}
 
 
+def instances(corpus: Path, model: str, workers: int, objective: str) -> dict:
+    from data_prep.instances.build import build_instances
+
+    out = corpus.parent / f"instances_{objective}"
+    started = time.perf_counter()
+    manifest = build_instances(corpus.parent / "shards", objective, out, workers=workers, progress=False)
+    shutil.rmtree(out)  # a kept task would be a resumed run, not a measured one
+    counts = manifest["counts"]
+    return {
+        "tokens": counts["tokens"],
+        "instances": counts["instances"],
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def _phase(name: str, corpus: Path, model: str, workers: int) -> dict:
     """Run one side in a subprocess; it prints its figures and peak RSS as one JSON line."""
     command = [sys.executable, __file__, "--phase", name, "--corpus", str(corpus), "--model", model]
@@ -65,13 +85,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each side; the fastest is kept")
-    parser.add_argument("--phase", choices=["raw", "shards"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--objectives", nargs="*", default=["mlm", "wwm", "span"], help="`prep instances` objectives timed"
+    )
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.phase:
-        result = {"raw": raw, "shards": shards}[args.phase](args.corpus, args.model, args.workers)
+        if args.phase in PHASES:
+            result = {"raw": raw, "shards": shards}[args.phase](args.corpus, args.model, args.workers)
+        else:
+            result = instances(args.corpus, args.model, args.workers, args.phase.removeprefix("instances:"))
         rss = [
             resource.getrusage(who).ru_maxrss / 1024
             for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
@@ -97,10 +123,9 @@ def run(work: Path, args: argparse.Namespace) -> None:
     print(f"tokenizer: unigram {args.vocab_size} trained in {tok['seconds']:.1f}s")
 
     model = str(work / "tokenizer" / "tokenizer.model")
-    runs = [
-        _phase(name, corpus, model, args.workers) for _ in range(args.repeat) for name in ("raw", "shards")
-    ]
-    results = {name: min(runs[i::2], key=lambda r: r["seconds"]) for i, name in enumerate(("raw", "shards"))}
+    names = [*PHASES, *(f"instances:{objective}" for objective in args.objectives)]
+    runs = [_phase(name, corpus, model, args.workers) for _ in range(args.repeat) for name in names]
+    results = {name: min(runs[i :: len(names)], key=lambda r: r["seconds"]) for i, name in enumerate(names)}
     print(
         f"\n{'workers=' + str(args.workers):<16}{'tokens':>12}{'wall s':>9}{'Mtok/s':>9}{'MB/s':>8}"
         f"{'RSS main MB':>13}{'RSS worker MB':>15}"
@@ -115,6 +140,12 @@ def run(work: Path, args: argparse.Namespace) -> None:
         f"\nshards / raw: {speed['shards'] / speed['raw']:.2f} (input MB/s; shards encodes sentences, "
         "so its token count differs)"
     )
+    for name in names[len(PHASES) :]:
+        r = results[name]
+        print(
+            f"{name} / raw: {speed[name] / speed['raw']:.2f} (same corpus; {r['instances'] / r['seconds']:,.0f} "
+            f"instances/s, {r['tokens'] / r['seconds'] / 1e6:.2f} M instance tokens/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""`prep` commands: corpus, tokenizer, shards. The top-level `plmscale` CLI mounts them with
+"""`prep` commands: corpus, tokenizer, shards, instances, stats. The top-level `plmscale` CLI mounts them with
 `add_prep_parser(subparsers)`; `python -m data_prep.cli prep ...` runs them alone.
 
     python -m data_prep.cli prep corpus --out data/corpus.jsonl
     python -m data_prep.cli prep tokenizer --input data/corpus.jsonl --out data/tokenizer --vocab-size 8000
     python -m data_prep.cli prep shards --input data/corpus.jsonl --tokenizer data/tokenizer/tokenizer.model
+    python -m data_prep.cli prep instances --shards data/shards --objective nsp --out data/instances/nsp
+    python -m data_prep.cli prep stats data/instances/nsp
 """
 
 from __future__ import annotations
@@ -122,6 +124,63 @@ def run_shards(args: argparse.Namespace) -> None:
     print(f"  -> {manifest['directory']}/manifest.json")
 
 
+def _params(items: list[str]) -> dict[str, str]:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--param {item!r} must look like key=value")
+        params[key] = value
+    return params
+
+
+@_user_errors
+def run_instances(args: argparse.Namespace) -> None:
+    from data_prep.instances.build import build_instances  # slow imports, after the quick checks
+    from data_prep.manifest import ManifestError
+
+    params = _params(args.param)
+    if args.entities:
+        params["entities"] = str(args.entities)
+    try:
+        manifest = build_instances(
+            args.shards,
+            args.objective,
+            args.out,
+            params=params,
+            dupe_factor=args.dupe_factor,
+            seed=args.seed,
+            workers=args.workers,
+            split=args.split,
+            docs_per_task=args.docs_per_task,
+            progress=not args.no_progress,
+        )
+    except ManifestError as exc:
+        raise UserError(str(exc)) from None
+    counts, seconds = manifest["counts"], manifest["seconds"]
+    kept = f", {manifest['tasks_kept']} finished tasks kept" if manifest["tasks_kept"] else ""
+    print(
+        f"instances: {counts['instances']} {args.objective} instances, {counts['tokens']} tokens from "
+        f"{counts['documents_in'] // args.dupe_factor} documents x {args.dupe_factor} in {seconds:.1f}s ({counts['instances'] / max(seconds, 1e-9):,.0f} "
+        f"instances/s, {counts['tokens'] / max(seconds, 1e-9):,.0f} tokens/s, {args.workers} workers{kept})"
+    )
+    for reason, count in counts["rejected"].items():
+        print(f"  rejected {reason}: {count}")
+    print(f"  -> {manifest['directory']}/manifest.json")
+
+
+@_user_errors
+def run_stats(args: argparse.Namespace) -> None:
+    from data_prep.instances.stats import format_table, instance_statistics
+    from plmscale.data.instances import InstanceSetError
+
+    try:
+        stats = instance_statistics(args.directory, max_instances=args.max_instances)
+    except InstanceSetError as exc:
+        raise UserError(str(exc)) from None
+    print(format_table(stats))
+
+
 def _add_input_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input",
@@ -133,8 +192,10 @@ def _add_input_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_prep_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `prep {corpus,tokenizer,shards}` on an argparse subparsers object; each sets `func`."""
-    prep = subparsers.add_parser("prep", help="offline data preparation: corpus, tokenizer, shards")
+    """Register `prep {corpus,tokenizer,shards,instances,stats}` on an argparse subparsers object; each sets `func`."""
+    prep = subparsers.add_parser(
+        "prep", help="offline data preparation: corpus, tokenizer, shards, instances"
+    )
     commands = prep.add_subparsers(dest="prep_command", required=True)
 
     corpus = commands.add_parser("corpus", help="write the embedded corpus (stdlib docstrings) as JSONL")
@@ -178,6 +239,27 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
     )
     shards.add_argument("--no-progress", action="store_true", help="no progress bar")
     shards.set_defaults(func=run_shards)
+
+    instances = commands.add_parser("instances", help="pre-mask training instances from the shards")
+    instances.add_argument("--shards", type=Path, default=Path("data/shards"), help="`prep shards` output")
+    instances.add_argument("--objective", required=True, help="mlm, nsp, sop, wwm, wwm_zh, span, ernie, ...")
+    instances.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="an instance-type parameter"
+    )
+    instances.add_argument("--dupe-factor", type=_positive(int), default=1, help="maskings of each document")
+    instances.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1)
+    instances.add_argument("--seed", type=int, default=1234)
+    instances.add_argument("--entities", type=Path, help="ernie: the entity list, one entity a line")
+    instances.add_argument("--split", default="train", help="the shards' split to instance")
+    instances.add_argument("--docs-per-task", type=_positive(int), default=2000, help="documents per task")
+    instances.add_argument("--out", "--output", type=Path, required=True, help="output directory")
+    instances.add_argument("--no-progress", action="store_true", help="no progress bar")
+    instances.set_defaults(func=run_instances)
+
+    stats = commands.add_parser("stats", help="statistics of an instance set")
+    stats.add_argument("directory", type=Path, help="`prep instances` output")
+    stats.add_argument("--max-instances", type=_positive(int), default=200_000, help="read at most this many")
+    stats.set_defaults(func=run_stats)
     return prep
 
 

@@ -15,7 +15,7 @@ import sentencepiece as spm
 from data_prep import UserError
 from data_prep.encode import split_sentences
 from data_prep.readers import RejectCounter, input_entries, iter_documents
-from plmscale.tokenizer import SPECIAL_TOKENS, Tokenizer, file_sha256
+from plmscale.tokenizer import SPECIAL_TOKENS, TRAINER_SPECIAL_ARGS, Tokenizer, file_sha256
 
 MODEL_TYPES = ("unigram", "bpe")
 
@@ -59,15 +59,7 @@ def train_tokenizer(
             input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True,
             num_threads=num_threads,
-            pad_id=0,
-            pad_piece=SPECIAL_TOKENS["pad"],
-            unk_id=1,
-            unk_piece=SPECIAL_TOKENS["unk"],
-            bos_id=2,
-            bos_piece=SPECIAL_TOKENS["cls"],
-            eos_id=3,
-            eos_piece=SPECIAL_TOKENS["sep"],
-            user_defined_symbols=[SPECIAL_TOKENS["mask"]],
+            **TRAINER_SPECIAL_ARGS,
             byte_fallback=True,
             minloglevel=2,
         )

@@ -13,8 +13,8 @@ cd "$(dirname "$0")/.."
 
 out="${DEMO_DIR:-runs/demo}"
 data="$out/data"
-teacher_steps="${DEMO_TEACHER_STEPS:-800}"
-student_steps="${DEMO_STUDENT_STEPS:-200}"
+teacher_steps="${DEMO_TEACHER_STEPS:-600}"
+student_steps="${DEMO_STUDENT_STEPS:-150}"
 start=$(date +%s)
 
 plmscale prep corpus --out "$data/corpus.jsonl"

@@ -83,6 +83,11 @@ class ModelConfig(_Strict):
 
 class DataConfig(_Strict):
     shards: str = Field(description="directory written by `plmscale prep shards` (has manifest.json)")
+    instances: str | None = Field(
+        None,
+        description="pre-masked training instances (`plmscale prep instances`) instead of masking on the "
+        "fly; the shards still give the tokenizer and the held-out split",
+    )
     train_split: str = "train"
     valid_split: str = "valid"
     seq_length: int = Field(gt=2)
@@ -153,21 +158,16 @@ class RunConfig(_Strict):
                 f"data.seq_length={self.data.seq_length} exceeds "
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
-        if self.model.num_heads % self.parallel.tensor_parallel:
-            raise ValueError(
-                f"parallel.tensor_parallel={self.parallel.tensor_parallel} must divide "
-                f"model.num_heads={self.model.num_heads}"
-            )
-        if self.model.ffn_size % self.parallel.tensor_parallel:
-            raise ValueError(
-                f"parallel.tensor_parallel={self.parallel.tensor_parallel} must divide "
-                f"model.ffn_hidden_size={self.model.ffn_size}"
-            )
-        if self.model.padded_vocab_size % self.parallel.tensor_parallel:
-            raise ValueError(
-                f"parallel.tensor_parallel={self.parallel.tensor_parallel} must divide the padded "
-                f"vocabulary {self.model.padded_vocab_size} (model.pad_vocab_to_multiple_of)"
-            )
+        tp = self.parallel.tensor_parallel
+        for what, size in (
+            ("model.num_heads", self.model.num_heads),
+            ("model.ffn_hidden_size", self.model.ffn_size),
+            ("the padded vocabulary (model.pad_vocab_to_multiple_of)", self.model.padded_vocab_size),
+        ):
+            if size % tp:
+                raise ValueError(f"parallel.tensor_parallel={tp} must divide {what}={size}")
+        if self.data.instances and self.objective.name != "mlm":
+            raise ValueError(f"data.instances trains the mlm objective, not {self.objective.name!r}")
         stage = zero_stage(self.train.deepspeed_config)
         if self.parallel.pipeline_parallel > 1 and stage >= 2:
             raise ValueError(

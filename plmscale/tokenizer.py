@@ -15,6 +15,18 @@ import sentencepiece as spm
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
+# `SentencePieceTrainer.train` arguments that pin those ids.
+TRAINER_SPECIAL_ARGS = {
+    "pad_id": PAD_ID,
+    "pad_piece": SPECIAL_TOKENS["pad"],
+    "unk_id": UNK_ID,
+    "unk_piece": SPECIAL_TOKENS["unk"],
+    "bos_id": CLS_ID,
+    "bos_piece": SPECIAL_TOKENS["cls"],
+    "eos_id": SEP_ID,
+    "eos_piece": SPECIAL_TOKENS["sep"],
+    "user_defined_symbols": [SPECIAL_TOKENS["mask"]],
+}
 WORD_START = "\u2581"  # SentencePiece's word-start marker
 
 

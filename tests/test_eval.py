@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from test_export_hf import TRAIN_LINES, docstring_lines, make_model_dir, train_tiny_tokenizer
 
+from data_prep import UserError
 from data_prep.manifest import FORMAT, write_manifest
 from plmscale.data import BatchSource, PackedStream
 from plmscale.eval import add_eval_parser
@@ -111,7 +112,7 @@ def test_shards_of_another_tokenizer_are_refused(setup, tmp_path):
     manifest = json.loads((shards / "manifest.json").read_text())
     manifest["tokenizer"]["sha256"] = "0" * 64
     write_manifest(shards, manifest)
-    with pytest.raises(ValueError, match="sha256 differs"):
+    with pytest.raises(UserError, match="sha256 differs"):
         evaluate(models["teacher"], shards)
 
 

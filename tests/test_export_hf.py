@@ -20,7 +20,7 @@ from plmscale.export import add_export_parser
 from plmscale.export.hf import export_hf, verify_export
 from plmscale.model import TransformerLM
 from plmscale.model_dir import load_local_model, save_model_dir
-from plmscale.tokenizer import SPECIAL_TOKENS, Tokenizer
+from plmscale.tokenizer import TRAINER_SPECIAL_ARGS, Tokenizer
 
 STDLIB = ("argparse", "collections", "datetime", "decimal", "functools", "inspect", "json", "logging", "os")
 STDLIB += ("pathlib", "shutil", "subprocess", "tarfile", "textwrap", "unittest", "zipfile", "http.client")
@@ -47,15 +47,7 @@ def train_tiny_tokenizer(directory) -> str:
         hard_vocab_limit=False,
         character_coverage=0.999,
         byte_fallback=True,
-        pad_id=0,
-        pad_piece=SPECIAL_TOKENS["pad"],
-        unk_id=1,
-        unk_piece=SPECIAL_TOKENS["unk"],
-        bos_id=2,
-        bos_piece=SPECIAL_TOKENS["cls"],
-        eos_id=3,
-        eos_piece=SPECIAL_TOKENS["sep"],
-        user_defined_symbols=[SPECIAL_TOKENS["mask"]],
+        **TRAINER_SPECIAL_ARGS,
         minloglevel=2,
         num_threads=1,
     )

@@ -71,7 +71,9 @@ class InstanceType:
     def __init__(self, params: Params, vocab: Vocabulary):
         self.params, self.vocab = params, vocab
 
-    def build(self, doc: int, source: DocumentSource, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    def build(
+        self, doc: int, source: DocumentSource, rng: np.random.Generator
+    ) -> list[dict[str, np.ndarray]]:
         raise NotImplementedError
 
     @classmethod

@@ -1,7 +1,7 @@
-"""Which windows go into which micro-batch: a pure function of (seed, step), so resume is exact.
+"""Which samples go into which micro-batch: a pure function of (seed, step), so resume is exact.
 
 Position p of the global sample order (p = step * global_batch + micro * micro_batch * dp + rank * micro_batch
-+ j) maps to window perm_epoch[p % N] with epoch = p // N; the permutation is seeded by (seed, epoch) and the
++ j) maps to sample perm_epoch[p % N] with epoch = p // N; the permutation is seeded by (seed, epoch) and the
 objective's randomness (masks) by (seed, p). Nothing about the order needs saving beyond the step.
 """
 
@@ -16,7 +16,44 @@ from plmscale.data.packed import PackedStream
 from plmscale.objectives import Objective
 
 
-class BatchSource:
+class SampleOrder:
+    """The order over `num_samples` samples; subclasses say how sample `index` is built."""
+
+    def __init__(
+        self, num_samples: int, micro_batch_size: int, dp_size: int, dp_rank: int, seed: int, shuffle: bool
+    ):
+        self.num_samples = num_samples
+        self.micro_batch_size, self.dp_size, self.dp_rank = micro_batch_size, dp_size, dp_rank
+        self.seed, self.shuffle = seed, shuffle
+
+    @lru_cache(maxsize=2)  # noqa: B019 - one or two epochs are live at a time
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def sample(self, index: int, position: int) -> dict[str, np.ndarray]:
+        """Sample `index`, seen at `position` of the global order (which seeds its randomness)."""
+        raise NotImplementedError
+
+    def example(self, position: int) -> dict[str, np.ndarray]:
+        epoch, offset = divmod(position, self.num_samples)
+        index = self._permutation(epoch)[offset] if self.shuffle else offset
+        return self.sample(int(index), position)
+
+    def micro_batches(self, step: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for optimizer step `step`."""
+        per_micro = self.micro_batch_size * self.dp_size
+        base = step * per_micro * accumulation + self.dp_rank * self.micro_batch_size
+        batches = []
+        for micro in range(accumulation):
+            first = base + micro * per_micro
+            examples = [self.example(first + j) for j in range(self.micro_batch_size)]
+            batches.append({k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]})
+        return batches
+
+
+class BatchSource(SampleOrder):
+    """Windows of a packed token stream, made into examples by the objective (masks drawn on the fly)."""
+
     def __init__(
         self,
         stream: PackedStream,
@@ -30,31 +67,13 @@ class BatchSource:
     ):
         self.stream, self.objective = stream, objective
         self.window_length = objective.window_length(seq_length)
-        self.num_windows = stream.num_windows(self.window_length)
-        if self.num_windows == 0:
+        num_windows = stream.num_windows(self.window_length)
+        if num_windows == 0:
             raise ValueError(
                 f"the data holds {stream.total_tokens} tokens, fewer than one sample of {self.window_length}"
             )
-        self.micro_batch_size, self.dp_size, self.dp_rank = micro_batch_size, dp_size, dp_rank
-        self.seed, self.shuffle = seed, shuffle
+        super().__init__(num_windows, micro_batch_size, dp_size, dp_rank, seed, shuffle)
 
-    @lru_cache(maxsize=2)  # noqa: B019 - one or two epochs are live at a time
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-
-    def example(self, position: int) -> dict[str, np.ndarray]:
-        epoch, offset = divmod(position, self.num_windows)
-        index = self._permutation(epoch)[offset] if self.shuffle else offset
-        tokens = self.stream.window(int(index), self.window_length)
+    def sample(self, index: int, position: int) -> dict[str, np.ndarray]:
+        tokens = self.stream.window(index, self.window_length)
         return self.objective.make_example(tokens, np.random.default_rng([self.seed, position]))
-
-    def micro_batches(self, step: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches for optimizer step `step`."""
-        per_micro = self.micro_batch_size * self.dp_size
-        base = step * per_micro * accumulation + self.dp_rank * self.micro_batch_size
-        batches = []
-        for micro in range(accumulation):
-            first = base + micro * per_micro
-            examples = [self.example(first + j) for j in range(self.micro_batch_size)]
-            batches.append({k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]})
-        return batches

@@ -1,19 +1,23 @@
 """Masked language modelling with dynamic masking (BERT's 80/10/10 recipe, RoBERTa's fresh masks).
 
 Masks are drawn when a sample is built, from a generator seeded by the sample's position in the global
-order: every epoch sees new masks, and a resumed run sees exactly the masks it would have seen.
+order: every epoch sees new masks, and a resumed run sees exactly the masks it would have seen. The masks
+come from `plmscale.data.masking`, the masker the offline instance builder uses too; whole-word and span
+units take word starts from the tokenizer's U+2581 marker. Chinese words (jieba) and ERNIE's phrases and
+entities need corpus-level preparation: build those instances offline (`plmscale prep instances`).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from plmscale.data.masking import Masker, MaskingConfig, word_start_table
 from plmscale.objectives import register
 from plmscale.objectives.base import IGNORE_INDEX, Objective
-from plmscale.tokenizer import CLS_ID, MASK_ID, SEP_ID
-
-FIRST_ORDINARY_ID = MASK_ID + 1  # random replacements never produce special tokens
+from plmscale.tokenizer import CLS_ID, SEP_ID, Tokenizer
 
 
 class MLMParams(BaseModel):
@@ -22,11 +26,19 @@ class MLMParams(BaseModel):
     mask_prob: float = Field(0.15, gt=0, lt=1)
     replace_mask: float = Field(0.8, ge=0, le=1, description="of chosen tokens, share replaced by [MASK]")
     replace_random: float = Field(0.1, ge=0, le=1, description="share replaced by a random token")
+    unit: Literal["token", "word", "span"] = Field(
+        "token", description="BERT, whole-word or SpanBERT masking"
+    )
+    tokenizer: str | None = Field(None, description="SentencePiece model giving word starts (unit word/span)")
 
     @model_validator(mode="after")
     def _shares(self) -> MLMParams:
         if self.replace_mask + self.replace_random > 1:
             raise ValueError("replace_mask + replace_random must not exceed 1")
+        if self.unit != "token" and self.tokenizer is None:
+            raise ValueError(
+                f"unit={self.unit!r} needs `tokenizer` (the shards' tokenizer.model) for word starts"
+            )
         return self
 
 
@@ -36,20 +48,22 @@ class MaskedLM(Objective):
     model_kinds = {"encoder"}
     Params = MLMParams
 
+    def __init__(self, params: MLMParams, model_cfg):
+        super().__init__(params, model_cfg)
+        masking = MaskingConfig(
+            unit=params.unit, mask_prob=params.mask_prob,
+            replace_mask=params.replace_mask, replace_random=params.replace_random,
+        )  # fmt: skip
+        self.masker = Masker(masking, model_cfg.vocab_size)
+        self.word_start = None if params.unit == "token" else word_start_table(Tokenizer(params.tokenizer))
+
     def window_length(self, seq_length: int) -> int:
         return seq_length - 2  # room for [CLS] and [SEP]
 
     def make_example(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        p = self.params
         input_ids = np.concatenate([[CLS_ID], tokens, [SEP_ID]]).astype(np.int64)
-        candidates = np.flatnonzero(input_ids >= FIRST_ORDINARY_ID)
-        count = max(1, int(round(len(input_ids) * p.mask_prob))) if len(candidates) else 0
-        chosen = rng.choice(candidates, size=min(count, len(candidates)), replace=False)
+        word_starts = None if self.word_start is None else self.word_start[input_ids]
+        masked = self.masker.mask(input_ids, rng, word_starts=word_starts)
         labels = np.full_like(input_ids, IGNORE_INDEX)
-        labels[chosen] = input_ids[chosen]
-        action = rng.random(len(chosen))
-        to_mask = chosen[action < p.replace_mask]
-        to_random = chosen[(action >= p.replace_mask) & (action < p.replace_mask + p.replace_random)]
-        input_ids[to_mask] = MASK_ID
-        input_ids[to_random] = rng.integers(FIRST_ORDINARY_ID, self.model_cfg.vocab_size, len(to_random))
-        return {"input_ids": input_ids, "labels": labels}
+        labels[masked.positions] = masked.labels
+        return {"input_ids": masked.input_ids, "labels": labels}

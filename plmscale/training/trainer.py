@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from plmscale import model_dir
 from plmscale.config import RunConfig, save_config
-from plmscale.data import BatchSource, PackedStream
+from plmscale.data import BatchSource, InstanceBatchSource, InstanceSet, PackedStream
+from plmscale.data.instances import load_instance_manifest
+from plmscale.data.loader import SampleOrder
 from plmscale.distill import DistillationLoss, default_student_layers, student_state_from_teacher
 from plmscale.distill.student import check_student_config
 from plmscale.objectives import get_objective
@@ -83,15 +85,22 @@ class Trainer:
             raise ValueError(
                 f"model.vocab_size={self.cfg.model.vocab_size} but the shards' tokenizer has {vocab}"
             )
+        if self.cfg.data.instances:
+            instances = load_instance_manifest(self.cfg.data.instances, verify=False)
+            if instances["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+                raise ValueError(
+                    f"data.instances={self.cfg.data.instances}: built with another tokenizer than the shards"
+                )
         return manifest["tokenizer"]["path"]
 
-    def _batch_source(self, split: str, shuffle: bool) -> BatchSource:
-        stream = PackedStream.from_manifest(self.cfg.data.shards, split, verify=False)
-        t = self.cfg.train
-        return BatchSource(
-            stream, self.objective, self.cfg.data.seq_length, t.micro_batch_size,
-            self.topo.dp_size, self.topo.dp_rank, t.seed, shuffle,
-        )  # fmt: skip
+    def _batch_source(self, split: str, shuffle: bool) -> SampleOrder:
+        t, data = self.cfg.train, self.cfg.data
+        order = (t.micro_batch_size, self.topo.dp_size, self.topo.dp_rank, t.seed, shuffle)
+        if data.instances and split == data.train_split:
+            instances = InstanceSet(data.instances, verify=data.verify_checksums)
+            return InstanceBatchSource(instances, data.seq_length, *order)
+        stream = PackedStream.from_manifest(data.shards, split, verify=False)
+        return BatchSource(stream, self.objective, data.seq_length, *order)
 
     def _set_up_distillation(self, dtype: torch.dtype) -> DistillationLoss:
         """Teacher built with the same tensor parallelism, student initialized from its layers."""
@@ -181,18 +190,16 @@ class Trainer:
                     self.engine, self.checkpoints, done, cfg, cfg.train.keep_checkpoints, topo.is_main
                 )
         logger.close()
-        return self._write_model_dir(evaluation or self.evaluate())
+        return self._write_model_dir(max(start, cfg.train.train_steps), evaluation or self.evaluate())
 
-    def _write_model_dir(self, evaluation: dict[str, float]) -> Path | None:
+    def _write_model_dir(self, steps: int, evaluation: dict[str, float]) -> Path | None:
         """Consolidates the sharded weights into one unsharded model directory (rank 0 writes)."""
         state = full_state_dict(self.model)
         out = None
         if self.topo.is_main:
             meta = {
-                "step": self.cfg.train.train_steps,
-                "tokens": self.cfg.train.train_steps
-                * self.cfg.train.global_batch_size
-                * self.cfg.data.seq_length,
+                "step": steps,
+                "tokens": steps * self.cfg.train.global_batch_size * self.cfg.data.seq_length,
                 "valid": evaluation,
             }
             out = model_dir.save_model_dir(

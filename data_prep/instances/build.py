@@ -1,0 +1,277 @@
+"""`plmscale prep instances`: tokenized shards -> pre-masked instances, in parallel, resumable.
+
+The work is cut into fixed tasks, (dupe, a range of `docs_per_task` documents). A task writes its own
+output shard `inst_NNNNN.{field}.bin/.idx`, then `inst_NNNNN.done.json` with the files' sha256 and its
+counts (atomically, after the files). Each document's randomness comes from a generator seeded by
+(seed, dupe, document), so neither the worker count nor the task size changes a byte of an instance.
+
+A restart keeps every task whose record was made by the same configuration and whose files still match
+their sha256 (a mismatch is an error naming the file), rebuilds the others (a killed task's partial files
+are overwritten), and writes `manifest.json` last. Memory is bounded: the main process keeps one record
+per task, a worker one task's index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from collections import Counter
+from contextlib import nullcontext
+from multiprocessing import Pool
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from data_prep import UserError
+from data_prep.instances.base import DocumentSource, InstanceType, Vocabulary, instance_type
+from data_prep.manifest import MANIFEST, load_manifest, split_prefixes, write_manifest
+from plmscale.data.instances import FORMAT, check_file
+from plmscale.tokenizer import Tokenizer, file_sha256
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # megatron-core warns that Transformer Engine and Apex are absent
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+_TASK_FILE = re.compile(r"inst_(\d{5,})\.")
+_worker: dict = {}
+
+
+class Task(NamedTuple):
+    number: int
+    dupe: int
+    first: int  # documents [first, end) of the split
+    end: int
+
+    @property
+    def prefix(self) -> str:
+        return f"inst_{self.number:05d}"
+
+
+def build_instances(
+    shards_dir: str | Path,
+    objective: str,
+    output_dir: str | Path,
+    *,
+    params: dict | None = None,
+    dupe_factor: int = 1,
+    seed: int = 1234,
+    workers: int = 1,
+    split: str = "train",
+    docs_per_task: int = 2000,
+    progress: bool = True,
+) -> dict:
+    """Build (or finish building) the instance set of `objective` in `output_dir`; return its manifest."""
+    started = time.perf_counter()
+    source_manifest = load_manifest(shards_dir, verify=True)
+    prefixes = split_prefixes(source_manifest, split)
+    tokenizer = Tokenizer(source_manifest["tokenizer"]["path"])
+    if tokenizer.sha256 != source_manifest["tokenizer"]["sha256"]:
+        raise UserError(f"tokenizer {tokenizer.path} changed since the shards in {shards_dir} were built")
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a directory with a manifest holds a finished run
+    params = _prepare_params(objective, dict(params or {}), out, prefixes, tokenizer)
+    builder = _instantiate(objective, params, Vocabulary(tokenizer))
+
+    n_docs = len(DocumentSource(prefixes))
+    ranges = [(first, min(first + docs_per_task, n_docs)) for first in range(0, n_docs, docs_per_task)]
+    tasks = [
+        Task(dupe * len(ranges) + i, dupe, first, end)
+        for dupe in range(dupe_factor)
+        for i, (first, end) in enumerate(ranges)
+    ]
+    config = {
+        "objective": objective,
+        "params": params,
+        "seed": seed,
+        "dupe_factor": dupe_factor,
+        "docs_per_task": docs_per_task,
+        "split": split,
+        "source": {
+            "directory": source_manifest["directory"],
+            "manifest_sha256": file_sha256(Path(source_manifest["directory"]) / MANIFEST),
+        },
+        "tokenizer": source_manifest["tokenizer"],
+        # ERNIE's entity list and phrase table: what they hold changes the instances
+        "unit_files": {
+            name: file_sha256(params[name]) for name in ("entities", "phrases") if params.get(name)
+        },
+    }
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    _remove_stale_tasks(out, len(tasks))
+    records = {task.number: _finished_record(out, task, key) for task in tasks}
+    todo = [task for task in tasks if records[task.number] is None]
+
+    worker_args = (objective, json.dumps(params), prefixes, str(tokenizer.path), str(out), seed, key)
+    if workers == 1:
+        _init_worker(*worker_args)
+    with (
+        Pool(workers, _init_worker, worker_args) if workers > 1 else nullcontext() as pool,
+        tqdm(total=n_docs * dupe_factor, unit="doc", disable=not progress, desc=objective) as bar,
+    ):
+        bar.update(sum(r["counts"]["documents_in"] for r in records.values() if r))
+        for record in pool.imap_unordered(_run_task, todo) if pool else map(_run_task, todo):
+            records[record["task"]] = record
+            bar.update(record["counts"]["documents_in"])
+
+    manifest = {
+        "format": FORMAT,
+        **config,
+        "source": config["source"] | {"manifest": source_manifest},
+        "fields": {field: np.dtype(dtype).name for field, dtype in builder.fields.items()},
+        "counts": _total_counts([records[t.number]["counts"] for t in tasks]),
+        "shards": [
+            {key: records[t.number][key] for key in ("prefix", "dupe", "documents", "instances", "files")}
+            for t in tasks
+        ],
+    }
+    write_manifest(out, manifest)
+    seconds = time.perf_counter() - started
+    return manifest | {"directory": str(out), "seconds": seconds, "tasks_kept": len(tasks) - len(todo)}
+
+
+def _prepare_params(
+    objective: str, params: dict, out: Path, prefixes: list[str], tokenizer: Tokenizer
+) -> dict:
+    """Validated params, every default filled in; ERNIE's phrase table comes from a first pass here."""
+    try:
+        cls = instance_type(objective)
+        validated = cls.Params.model_validate(params)
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UserError(f"objective {objective!r}: {problems}") from None
+    params = validated.model_dump()
+    if (params.get("masking") or getattr(cls, "preset", None)) == "ernie":
+        from data_prep.phrases import PhraseTable
+
+        if not params.get("entities"):
+            raise UserError("ERNIE masking needs an entity list: --entities FILE")
+        params["entities"] = str(Path(params["entities"]).resolve())
+        params["tokenizer"] = str(tokenizer.path.resolve())
+        if params.get("phrases") is None:
+            vocab = Vocabulary(tokenizer)
+            PhraseTable.build(prefixes, lambda tokens: vocab.word_start[tokens]).save(out / "phrases.json")
+            params["phrases"] = str(out / "phrases.json")
+    return params
+
+
+def _instantiate(objective: str, params: dict, vocab: Vocabulary) -> InstanceType:
+    cls = instance_type(objective)
+    try:
+        return cls(cls.Params.model_validate(params), vocab)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"objective {objective!r}: {exc}") from None
+
+
+def _remove_stale_tasks(out: Path, n_tasks: int) -> None:
+    """Files of tasks a previous run with more tasks left behind."""
+    for path in out.iterdir():
+        match = _TASK_FILE.match(path.name)
+        if match and int(match.group(1)) >= n_tasks:
+            path.unlink()
+
+
+def _finished_record(out: Path, task: Task, key: str) -> dict | None:
+    """The record of a task finished by a run of this configuration, its files verified; else None."""
+    try:
+        record = json.loads((out / f"{task.prefix}.done.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if record.get("key") != key:
+        return None
+    for name, sha256 in record["files"].items():
+        try:
+            check_file(out / name, sha256)
+        except ValueError as exc:
+            raise UserError(f"{exc}; delete {out / task.prefix}.done.json to rebuild that task") from None
+    return record
+
+
+def _init_worker(objective, params_json, prefixes, tokenizer_path, out_dir, seed, key) -> None:
+    vocab = Vocabulary(Tokenizer(tokenizer_path))
+    _worker.update(
+        builder=_instantiate(objective, json.loads(params_json), vocab),
+        source=DocumentSource(prefixes),
+        out=Path(out_dir),
+        seed=seed,
+        key=key,
+    )
+
+
+def _run_task(task: Task) -> dict:
+    """Build one task's instances into its shard, then write its record; return the record."""
+    builder, source, out = _worker["builder"], _worker["source"], _worker["out"]
+    (out / f"{task.prefix}.done.json").unlink(missing_ok=True)  # first: a record never outlives its files
+    for stale in out.glob(f"{task.prefix}.*"):
+        stale.unlink()
+    fields = builder.fields
+    main = "tokens" if "tokens" in fields else next(iter(fields))
+    writers = {
+        field: IndexedDatasetBuilder(str(out / f"{task.prefix}.{field}.bin"), dtype=dtype)
+        for field, dtype in fields.items()
+    }
+    counts, rejected = Counter(), Counter()
+    builder.counts = Counter()  # the type's own events (sentences cut, ...), if it counts any
+    longest = 0
+    for doc in range(task.first, task.end):
+        instances = builder.build(doc, source, np.random.default_rng([_worker["seed"], task.dupe, doc]))
+        counts["documents_in"] += 1
+        if not instances:
+            rejected["no_instance"] += 1
+            continue
+        counts["documents_out"] += 1
+        counts["documents_split"] += len(instances) > 1
+        counts["instances"] += len(instances)
+        for field, writer in writers.items():
+            items = [instance[field] for instance in instances]
+            writer.add_document(np.concatenate(items), [len(item) for item in items])
+        lengths = [len(instance[main]) for instance in instances]
+        counts["tokens"] += sum(lengths)
+        longest = max(longest, *lengths)
+        if "mask_positions" in fields:
+            counts["masked_tokens"] += sum(len(instance["mask_positions"]) for instance in instances)
+    files = {}
+    for field, writer in writers.items():
+        writer.finalize(str(out / f"{task.prefix}.{field}.idx"))
+        for suffix in (".bin", ".idx"):
+            name = f"{task.prefix}.{field}{suffix}"
+            files[name] = file_sha256(out / name)
+    record = {
+        "task": task.number,
+        "key": _worker["key"],
+        "prefix": task.prefix,
+        "dupe": task.dupe,
+        "documents": [task.first, task.end],
+        "instances": counts["instances"],
+        "files": files,
+        "counts": dict(counts)
+        | dict(builder.counts)
+        | {"longest_instance": longest, "rejected": dict(rejected)},
+    }
+    path = out / f"{task.prefix}.done.json"
+    path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+    os.replace(path.with_suffix(".tmp"), path)
+    return record
+
+
+def _total_counts(counts: list[dict]) -> dict:
+    total, rejected = Counter(), Counter()
+    for task in counts:
+        total.update({k: v for k, v in task.items() if k not in ("rejected", "longest_instance")})
+        rejected.update(task["rejected"])
+    for key in ("documents_in", "documents_out", "documents_split", "instances", "tokens"):
+        total.setdefault(key, 0)
+    longest = max((task["longest_instance"] for task in counts), default=0)
+    return dict(sorted(total.items())) | {
+        "longest_instance": longest,
+        "rejected": dict(sorted(rejected.items())),
+    }

@@ -1,0 +1,134 @@
+"""Pre-masked instances written by `plmscale prep instances`, memory-mapped, and the batches made of them.
+
+An instance set is a directory of shards `inst_NNNNN.{field}.bin/.idx` (megatron-core indexed datasets, one
+item per instance) and `manifest.json`, which lists every file with its sha256: with `verify`, a corrupt
+or truncated file is named, never read. Training on instances masks nothing: the masks are the ones
+written offline (static masking; the dupe factor gives each document several), and each epoch visits the
+instances in a permutation seeded by (seed, epoch), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from plmscale.data.loader import SampleOrder
+from plmscale.objectives import IGNORE_INDEX
+from plmscale.tokenizer import PAD_ID, file_sha256
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # megatron-core warns that Transformer Engine and Apex are absent
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+FORMAT = "plmscale-instances/1"
+MANIFEST = "manifest.json"
+
+
+class InstanceSetError(ValueError):
+    """An instance directory that is incomplete, corrupt or of another format."""
+
+
+def load_instance_manifest(directory: str | Path, verify: bool = True) -> dict:
+    """Read an instance directory's manifest; with `verify`, check every file's sha256."""
+    directory = Path(directory).resolve()
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise InstanceSetError(f"{path} not found: build the instances with `plmscale prep instances`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise InstanceSetError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if verify:
+        for shard in manifest["shards"]:
+            for name, sha256 in shard["files"].items():
+                check_file(directory / name, sha256)
+    return manifest | {"directory": str(directory)}
+
+
+def check_file(path: Path, sha256: str) -> None:
+    if not path.is_file():
+        raise InstanceSetError(f"instance file missing: {path}")
+    if file_sha256(path) != sha256:
+        raise InstanceSetError(f"instance file corrupt (sha256 differs from its record): {path}")
+
+
+def open_shard(directory: Path, prefix: str, fields: list[str]) -> dict[str, IndexedDataset]:
+    """One indexed dataset per field (`IndexedDataset` cannot map an empty file: a field is empty only when
+    the shard holds no instance, and such a shard is never opened)."""
+    return {field: IndexedDataset(str(directory / f"{prefix}.{field}")) for field in fields}
+
+
+class InstanceSet:
+    """Random access to instance i of every field, across the shards, in the order they were built."""
+
+    def __init__(self, directory: str | Path, verify: bool = True):
+        self.manifest = load_instance_manifest(directory, verify)
+        self.fields = list(self.manifest["fields"])
+        shards = [s for s in self.manifest["shards"] if s["instances"]]
+        root = Path(self.manifest["directory"])
+        self.shards = [open_shard(root, shard["prefix"], self.fields) for shard in shards]
+        self.offsets = np.concatenate([[0], np.cumsum([s["instances"] for s in shards])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"instance {index} of {len(self)}")
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        local = index - int(self.offsets[shard])
+        # copies: a view would outlive the memory map it points into if the set were dropped first
+        return {field: np.array(ds[local]) for field, ds in self.shards[shard].items()}
+
+
+class InstanceBatchSource(SampleOrder):
+    """MLM batches from pre-masked instances, padded to `seq_length`: labels are IGNORE_INDEX except at
+    the masked positions, so the `mlm` objective's loss applies unchanged."""
+
+    def __init__(
+        self,
+        instances: InstanceSet,
+        seq_length: int,
+        micro_batch_size: int,
+        dp_size: int,
+        dp_rank: int,
+        seed: int,
+        shuffle: bool = True,
+    ):
+        missing = {"tokens", "mask_positions", "mask_labels"} - set(instances.fields)
+        if missing:
+            raise InstanceSetError(
+                f"{instances.manifest['directory']}: objective {instances.manifest['objective']!r} has no "
+                f"{sorted(missing)}; MLM training needs BERT-style instances"
+            )
+        longest = instances.manifest["counts"]["longest_instance"]
+        if longest > seq_length:
+            raise InstanceSetError(
+                f"{instances.manifest['directory']}: instances of up to {longest} tokens exceed "
+                f"data.seq_length={seq_length}"
+            )
+        if len(instances) == 0:
+            raise InstanceSetError(f"{instances.manifest['directory']}: holds no instance")
+        super().__init__(len(instances), micro_batch_size, dp_size, dp_rank, seed, shuffle)
+        self.instances, self.seq_length = instances, seq_length
+
+    def sample(self, index: int, position: int) -> dict[str, np.ndarray]:
+        instance = self.instances[index]
+        length = len(instance["tokens"])
+        input_ids = np.full(self.seq_length, PAD_ID, dtype=np.int64)
+        input_ids[:length] = instance["tokens"]
+        attention_mask = np.zeros(self.seq_length, dtype=np.int64)
+        attention_mask[:length] = 1
+        token_type_ids = np.zeros(self.seq_length, dtype=np.int64)
+        if "segments" in instance:
+            token_type_ids[:length] = instance["segments"]
+        labels = np.full(self.seq_length, IGNORE_INDEX, dtype=np.int64)
+        labels[instance["mask_positions"].astype(np.int64)] = instance["mask_labels"]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "labels": labels,
+        }
