@@ -27,26 +27,35 @@ def write_manifest(directory: str | Path, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_manifest(directory: str | Path, verify: bool = True) -> dict:
-    """Read a shard directory's manifest; with `verify`, check every shard file's sha256."""
+def read_manifest(directory: str | Path, fmt: str, how_to_build: str, error: type[Exception]) -> dict:
+    """`directory/manifest.json` of format `fmt`, with its resolved directory under "directory"."""
     directory = Path(directory).resolve()
     path = directory / MANIFEST
     if not path.is_file():
-        raise ManifestError(f"{path} not found: build the shards with `plmscale prep shards`")
+        raise error(f"{path} not found: {how_to_build}")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ManifestError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") != fmt:
+        raise error(f"{path}: format {manifest.get('format')!r}, expected {fmt!r}")
+    return manifest | {"directory": str(directory)}
+
+
+def verify_file(path: Path, sha256: str, error: type[Exception] = ManifestError) -> None:
+    """A missing file, or one whose bytes differ from its recorded sha256, is named, never read."""
+    if not path.is_file():
+        raise error(f"file missing: {path}")
+    if file_sha256(path) != sha256:
+        raise error(f"file corrupt (sha256 differs from its record): {path}")
+
+
+def load_manifest(directory: str | Path, verify: bool = True) -> dict:
+    """Read a shard directory's manifest; with `verify`, check every shard file's sha256."""
+    manifest = read_manifest(directory, FORMAT, "build the shards with `plmscale prep shards`", ManifestError)
     if verify:
         for shards in manifest["splits"].values():
             for shard in shards:
                 for name, sha256 in shard["files"].items():
-                    if not (directory / name).is_file():
-                        raise ManifestError(f"shard file missing: {directory / name}")
-                    if file_sha256(directory / name) != sha256:
-                        raise ManifestError(
-                            f"shard file corrupt (sha256 differs from manifest): {directory / name}"
-                        )
-    return manifest | {"directory": str(directory)}
+                    verify_file(Path(manifest["directory"]) / name, sha256)
+    return manifest
 
 
 def split_prefixes(manifest: dict, split: str) -> list[str]:

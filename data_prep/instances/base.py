@@ -18,6 +18,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from pydantic import BaseModel, ConfigDict
 
+from plmscale.data.masking import word_start_table
 from plmscale.tokenizer import Tokenizer
 
 _REGISTRY: dict[str, type[InstanceType]] = {}
@@ -33,9 +34,7 @@ class Vocabulary:
     def __init__(self, tokenizer: Tokenizer):
         self.size = tokenizer.vocab_size
         self.pieces = [tokenizer.id_to_piece(i) for i in range(self.size)]
-        # SentencePiece marks the first piece of a word with U+2581; special tokens stand alone
-        self.word_start = np.array([p.startswith("\u2581") for p in self.pieces], dtype=bool)
-        self.word_start[: Tokenizer.mask_id + 1] = True
+        self.word_start = word_start_table(tokenizer)
         self.cls_id, self.sep_id = tokenizer.cls_id, tokenizer.sep_id
         self.mask_id, self.pad_id = tokenizer.mask_id, tokenizer.pad_id
 

@@ -31,8 +31,15 @@ from tqdm import tqdm
 
 from data_prep import UserError
 from data_prep.instances.base import DocumentSource, InstanceType, Vocabulary, instance_type
-from data_prep.manifest import MANIFEST, load_manifest, split_prefixes, write_manifest
-from plmscale.data.instances import FORMAT, check_file
+from data_prep.manifest import (
+    MANIFEST,
+    ManifestError,
+    load_manifest,
+    split_prefixes,
+    verify_file,
+    write_manifest,
+)
+from plmscale.data.instances import FORMAT
 from plmscale.tokenizer import Tokenizer, file_sha256
 
 with warnings.catch_warnings():
@@ -190,8 +197,8 @@ def _finished_record(out: Path, task: Task, key: str) -> dict | None:
         return None
     for name, sha256 in record["files"].items():
         try:
-            check_file(out / name, sha256)
-        except ValueError as exc:
+            verify_file(out / name, sha256)
+        except ManifestError as exc:
             raise UserError(f"{exc}; delete {out / task.prefix}.done.json to rebuild that task") from None
     return record
 

@@ -9,22 +9,21 @@ instances in a permutation seeded by (seed, epoch), so a resumed run sees the sa
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.manifest import read_manifest, verify_file
 from plmscale.data.loader import SampleOrder
 from plmscale.objectives import IGNORE_INDEX
-from plmscale.tokenizer import PAD_ID, file_sha256
+from plmscale.tokenizer import PAD_ID
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # megatron-core warns that Transformer Engine and Apex are absent
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 FORMAT = "plmscale-instances/1"
-MANIFEST = "manifest.json"
 
 
 class InstanceSetError(ValueError):
@@ -33,25 +32,14 @@ class InstanceSetError(ValueError):
 
 def load_instance_manifest(directory: str | Path, verify: bool = True) -> dict:
     """Read an instance directory's manifest; with `verify`, check every file's sha256."""
-    directory = Path(directory).resolve()
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise InstanceSetError(f"{path} not found: build the instances with `plmscale prep instances`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise InstanceSetError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = read_manifest(
+        directory, FORMAT, "build the instances with `plmscale prep instances`", InstanceSetError
+    )
     if verify:
         for shard in manifest["shards"]:
             for name, sha256 in shard["files"].items():
-                check_file(directory / name, sha256)
-    return manifest | {"directory": str(directory)}
-
-
-def check_file(path: Path, sha256: str) -> None:
-    if not path.is_file():
-        raise InstanceSetError(f"instance file missing: {path}")
-    if file_sha256(path) != sha256:
-        raise InstanceSetError(f"instance file corrupt (sha256 differs from its record): {path}")
+                verify_file(Path(manifest["directory"]) / name, sha256, InstanceSetError)
+    return manifest
 
 
 def open_shard(directory: Path, prefix: str, fields: list[str]) -> dict[str, IndexedDataset]:
