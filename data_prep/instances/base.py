@@ -59,6 +59,25 @@ class DocumentSource:
         return [ds[i].astype(np.int64) for i in range(start, end)]
 
 
+def field_values(ds: IndexedDataset) -> np.ndarray:
+    """Every item of a field back to back (a memory-mapped view, no copy): what statistics read."""
+    return ds.bin_reader.read(ds.index.dtype, int(ds.sequence_lengths.sum()), 0)
+
+
+def sentence_chunks(sentences: list[np.ndarray], budget: int) -> list[list[np.ndarray]]:
+    """Greedily pack whole sentences into runs of at most `budget` tokens. A sentence longer than the
+    budget is first cut into budget-sized pieces, so a long document gives several chunks, never none."""
+    pieces = [s[i : i + budget] for s in sentences for i in range(0, len(s), budget)]
+    chunks, current, size = [], [], 0
+    for piece in pieces:
+        if current and size + len(piece) > budget:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(piece)
+        size += len(piece)
+    return chunks + [current] if current else chunks
+
+
 class InstanceType:
     """Subclass, set `name`, `fields` (field -> numpy dtype) and `Params`, implement `build`; register with
     `@register`. `statistics` summarizes a built instance set for `plmscale prep stats`."""

@@ -24,7 +24,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from pydantic import Field
 
-from data_prep.instances.base import DocumentSource, InstanceType, Params, Vocabulary, register
+from data_prep.instances.base import DocumentSource, InstanceType, Params, Vocabulary, field_values, register
 from plmscale.data.masking import PRESETS, Masker
 
 Preset = Literal["mlm", "wwm", "wwm_zh", "span", "ernie"]
@@ -199,8 +199,7 @@ class BertInstances(InstanceType):
         """Pair balance; the masking figures are the generic ones of `data_prep.instances.stats`."""
         if "pair_label" not in instances:
             return {}
-        labels = instances["pair_label"]
-        positive = labels.bin_reader.read(labels.index.dtype, len(labels), 0)
+        positive = field_values(instances["pair_label"])
         name = "nsp_random_next_share" if cls.pair == "nsp" else "sop_swapped_share"
         return {name: float(positive.mean()) if len(positive) else 0.0}
 

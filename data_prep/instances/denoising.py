@@ -21,26 +21,15 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from pydantic import model_validator
 
-from data_prep.instances.base import DocumentSource, InstanceType, Params, Vocabulary, register
-
-
-def sentence_chunks(sentences: list[np.ndarray], budget: int) -> list[list[np.ndarray]]:
-    """Greedily pack whole sentences into runs of at most `budget` tokens. A sentence longer than the
-    budget is first cut into budget-sized pieces, so a long document gives several chunks, never none."""
-    pieces = [s[i : i + budget] for s in sentences for i in range(0, len(s), budget)]
-    chunks, current, size = [], [], 0
-    for piece in pieces:
-        if current and size + len(piece) > budget:
-            chunks.append(current)
-            current, size = [], 0
-        current.append(piece)
-        size += len(piece)
-    return chunks + [current] if current else chunks
-
-
-def _flat(ds: IndexedDataset) -> np.ndarray:
-    """Every item of a field back to back (a memory-mapped view, no copy)."""
-    return ds.bin_reader.read(ds.index.dtype, int(ds.sequence_lengths.sum()), 0)
+from data_prep.instances.base import (
+    DocumentSource,
+    InstanceType,
+    Params,
+    Vocabulary,
+    field_values,
+    register,
+    sentence_chunks,
+)
 
 
 class DenoisingParams(Params):
@@ -125,7 +114,7 @@ class Denoising(InstanceType):
     def statistics(cls, instances: dict[str, IndexedDataset], vocab: Vocabulary) -> dict[str, float]:
         source_len = instances["source"].sequence_lengths.astype(np.int64) - 2
         target_len = instances["target"].sequence_lengths.astype(np.int64) - 2
-        spans = _flat(instances["span_lengths"]).astype(np.int64)
+        spans = field_values(instances["span_lengths"]).astype(np.int64)
         n_spans = instances["span_lengths"].sequence_lengths.astype(np.int64)
         tokens, infilled = max(int(target_len.sum()), 1), int(spans.sum())
         # target = source - one [MASK] per span + infilled tokens + deleted tokens

@@ -24,12 +24,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from pydantic import Field
 
-from data_prep.instances.base import DocumentSource, InstanceType, Params, Vocabulary, register
-
-
-def _flat(ds: IndexedDataset) -> np.ndarray:
-    """Every item of a field back to back (a memory-mapped view, no copy)."""
-    return ds.bin_reader.read(ds.index.dtype, int(ds.sequence_lengths.sum()), 0)
+from data_prep.instances.base import DocumentSource, InstanceType, Params, Vocabulary, field_values, register
 
 
 class PermutationParams(Params):
@@ -68,7 +63,7 @@ class PermutationLM(InstanceType):
     @classmethod
     def statistics(cls, instances: dict[str, IndexedDataset], vocab: Vocabulary) -> dict[str, float]:
         lengths = instances["tokens"].sequence_lengths.astype(np.int64)
-        num_predict = _flat(instances["num_predict"]).astype(np.int64)
+        num_predict = field_values(instances["num_predict"]).astype(np.int64)
         count = max(len(lengths), 1)
         return {
             "instances": float(len(lengths)),
@@ -86,7 +81,7 @@ def _valid(instances: dict[str, IndexedDataset], lengths: np.ndarray, num_predic
         and np.array_equal(instances["target_mapping"].sequence_lengths, num_predict)
     ):
         return np.zeros(len(lengths), dtype=bool)
-    order, targets = _flat(instances["perm_order"]), _flat(instances["target_mapping"])
+    order, targets = field_values(instances["perm_order"]), field_values(instances["target_mapping"])
     start = np.cumsum(lengths) - lengths
     owner = np.repeat(np.arange(len(lengths)), lengths)
     # sorted within its instance, a permutation reads 0, 1, ..., n-1

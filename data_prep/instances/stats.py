@@ -16,18 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.instances.base import Vocabulary, instance_type
+from data_prep.instances.base import Vocabulary, field_values, instance_type
 from plmscale.data.instances import load_instance_manifest, open_shard
 from plmscale.tokenizer import Tokenizer
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # megatron-core warns that Transformer Engine and Apex are absent
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-
-
-def flat(ds: IndexedDataset) -> np.ndarray:
-    """Every item of a field back to back (a memory-mapped view, no copy)."""
-    return ds.bin_reader.read(ds.index.dtype, int(ds.sequence_lengths.sum()), 0)
 
 
 def instance_statistics(directory: str | Path, max_instances: int = 200_000) -> dict[str, float]:
@@ -59,18 +54,18 @@ def _joined_sample(manifest: dict, tmp: Path, max_instances: int) -> dict[str, I
         builder = IndexedDatasetBuilder(str(tmp / f"joined.{field}.bin"), dtype=np.dtype(dtype).type)
         for prefix in shards:  # (not `add_index`: it runs a full garbage collection per shard)
             shard = IndexedDataset(str(root / f"{prefix}.{field}"))
-            builder.add_document(flat(shard), shard.sequence_lengths.tolist())
+            builder.add_document(field_values(shard), shard.sequence_lengths.tolist())
         builder.finalize(str(tmp / f"joined.{field}.idx"))
     return open_shard(tmp, "joined", fields)
 
 
 def masking_statistics(datasets: dict[str, IndexedDataset], vocab: Vocabulary) -> dict[str, float]:
-    tokens = flat(datasets["tokens"]).astype(np.int64)
+    tokens = field_values(datasets["tokens"]).astype(np.int64)
     lengths = datasets["tokens"].sequence_lengths.astype(np.int64)
     offsets = np.cumsum(lengths) - lengths  # where each instance starts in `tokens`
     counts = datasets["mask_positions"].sequence_lengths.astype(np.int64)
-    positions = flat(datasets["mask_positions"]).astype(np.int64) + np.repeat(offsets, counts)
-    labels = flat(datasets["mask_labels"]).astype(np.int64)
+    positions = field_values(datasets["mask_positions"]).astype(np.int64) + np.repeat(offsets, counts)
+    labels = field_values(datasets["mask_labels"]).astype(np.int64)
     shown = tokens[positions]
     special = np.isin(tokens, [vocab.pad_id, vocab.cls_id, vocab.sep_id])
     masked = max(len(positions), 1)
@@ -93,7 +88,7 @@ def unit_statistics(spans_ds: IndexedDataset, offsets: np.ndarray, original: np.
     """Masked units (words for WWM, spans for SpanBERT): their length in tokens, the words they touch, and
     whether each covers whole words of the instance only (from a word start to the next word or special)."""
     per_instance = spans_ds.sequence_lengths.astype(np.int64) // 2
-    spans = flat(spans_ds).astype(np.int64).reshape(-1, 2) + np.repeat(offsets, per_instance)[:, None]
+    spans = field_values(spans_ds).astype(np.int64).reshape(-1, 2) + np.repeat(offsets, per_instance)[:, None]
     if not len(spans):
         return {}
     # a word of the instance starts at a word-start piece or after a special token (a cut word's rest)

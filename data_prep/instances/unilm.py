@@ -25,8 +25,15 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from pydantic import Field, model_validator
 
-from data_prep.instances.base import DocumentSource, InstanceType, Params, Vocabulary, register
-from data_prep.instances.denoising import sentence_chunks
+from data_prep.instances.base import (
+    DocumentSource,
+    InstanceType,
+    Params,
+    Vocabulary,
+    field_values,
+    register,
+    sentence_chunks,
+)
 
 MODES = ("left_to_right", "right_to_left", "bidirectional", "seq2seq")
 LEFT_TO_RIGHT, RIGHT_TO_LEFT, BIDIRECTIONAL, SEQ2SEQ = range(4)
@@ -46,11 +53,6 @@ def attention_mask(mode: int, segments: np.ndarray) -> np.ndarray:
         target = np.asarray(segments) == 1
         return ~target[None, :] | (target[:, None] & target[None, :] & earlier)
     raise ValueError(f"unknown UniLM mode {mode}")
-
-
-def _flat(ds: IndexedDataset) -> np.ndarray:
-    """Every item of a field back to back (a memory-mapped view, no copy)."""
-    return ds.bin_reader.read(ds.index.dtype, int(ds.sequence_lengths.sum()), 0)
 
 
 class UniLMParams(Params):
@@ -136,16 +138,16 @@ class UniLM(InstanceType):
 
     @classmethod
     def statistics(cls, instances: dict[str, IndexedDataset], vocab: Vocabulary) -> dict[str, float]:
-        modes = _flat(instances["mode"]).astype(np.int64)
+        modes = field_values(instances["mode"]).astype(np.int64)
         lengths = instances["tokens"].sequence_lengths.astype(np.int64)
-        tokens, segments = _flat(instances["tokens"]), _flat(instances["segments"])
+        tokens, segments = field_values(instances["tokens"]), field_values(instances["segments"])
         owner = np.repeat(np.arange(len(lengths)), lengths)
         seq2seq = modes[owner] == SEQ2SEQ
         maskable = (tokens != vocab.cls_id) & (tokens != vocab.sep_id) & (~seq2seq | (segments == 1))
 
         counts = instances["mask_positions"].sequence_lengths.astype(np.int64)
-        at = _flat(instances["mask_positions"]) + np.repeat(np.cumsum(lengths) - lengths, counts)
-        labels, shown = _flat(instances["mask_labels"]), tokens[at]
+        at = field_values(instances["mask_positions"]) + np.repeat(np.cumsum(lengths) - lengths, counts)
+        labels, shown = field_values(instances["mask_labels"]), tokens[at]
         masked = max(len(at), 1)
         stats = {"instances": float(len(modes))}
         stats |= {
