@@ -165,7 +165,10 @@ def test_sop_swaps_half_of_the_pairs(shards, tmp_path):
     assert np.mean(labels) == pytest.approx(0.5, abs=0.05)
 
 
-def test_long_documents_are_split_never_dropped_and_counted(shards, tmp_path):
+@pytest.mark.parametrize("batch_tokens", [None, 300])
+def test_long_documents_are_split_never_dropped_and_counted(shards, tmp_path, monkeypatch, batch_tokens):
+    if batch_tokens:  # a task built in many small batches loses nothing either
+        monkeypatch.setattr("data_prep.instances.build.BATCH_TOKENS", batch_tokens)
     manifest = build_instances(shards, "mlm", tmp_path, params={"max_seq_length": 32}, dupe_factor=2,
                                progress=False)  # fmt: skip
     docs, counts = documents(shards), manifest["counts"]
@@ -176,6 +179,10 @@ def test_long_documents_are_split_never_dropped_and_counted(shards, tmp_path):
     source = DocumentSource(split_prefixes(load_manifest(shards), "train"))
     cut = sum(len(s) > 30 for d in range(len(source)) for s in source.sentences(d))
     assert counts["sentences_cut"] == 2 * cut > 0
+    batches = source.batches(range(len(source)), 300)
+    assert [d for batch in batches for d in batch] == list(range(len(source))) and len(batches) > 10
+    sizes = [sum(len(s) for d in batch for s in source.sentences(d)) for batch in batches]
+    assert all(size <= 300 or len(batch) == 1 for size, batch in zip(sizes, batches, strict=True))
     # packing within a document loses nothing: the instances of a document are the document
     instances = originals(InstanceSet(tmp_path))
     bounds = np.concatenate([[0], np.cumsum(per_doc)])
@@ -205,13 +212,13 @@ def test_reader_returns_what_the_instance_type_built(shards, nsp):
         cls.Params(max_seq_length=64), Vocabulary(Tokenizer(shards.parent / "tokenizer" / "tokenizer.model"))
     )
     source = DocumentSource(split_prefixes(load_manifest(shards), "train"))
-    instances, index = InstanceSet(nsp), 0
-    for doc in range(20):
-        for expected in builder.build(doc, source, np.random.default_rng([1234, 0, doc])):
-            got = instances[index]
-            assert got.keys() == expected.keys()
-            assert all(np.array_equal(got[k], expected[k]) for k in got)
-            index += 1
+    instances = InstanceSet(nsp)
+    built = builder.build_batch(range(150), source, np.random.default_rng([1234, 0, 0]))  # task 0
+    assert len(built) == instances.manifest["shards"][0]["instances"]
+    for index in range(len(built)):
+        got, expected = instances[index], built[index]
+        assert got.keys() == expected.keys()
+        assert all(np.array_equal(got[k], expected[k]) for k in got)
 
 
 def test_one_token_document_is_counted_not_crashed(tmp_path):
@@ -224,10 +231,9 @@ def test_one_token_document_is_counted_not_crashed(tmp_path):
     builder.add_document(np.arange(10, 40), [10, 20])
     builder.finalize(str(tmp_path / "docs.idx"))
     source = DocumentSource([str(tmp_path / "docs")])
-    sop = instance_type("sop")(instance_type("sop").Params(), vocab)
-    assert sop.build(0, source, np.random.default_rng(0)) == []
+    sop = instance_type("sop")(instance_type("sop").Params(short_seq_prob=0), vocab)
+    assert sop.build_batch(range(2), source, np.random.default_rng(0)).per_document.tolist() == [0, 1]
     assert sop.counts["chunks_too_short_for_pair"] == 1
-    assert len(sop.build(1, source, np.random.default_rng(0))) == 1
 
 
 def test_statistics_match_bert_and_wwm(shards, nsp, tmp_path, capsys):

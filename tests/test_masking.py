@@ -10,7 +10,15 @@ from data_prep.instances.base import Vocabulary
 from data_prep.phrases import EntityMatcher, PhraseTable
 from data_prep.words import chinese_word_starts, english_word_starts
 from plmscale.config import ModelConfig
-from plmscale.data.masking import PRESETS, Masker, MaskingConfig, fill, word_start_table, word_units
+from plmscale.data.masking import (
+    PRESETS,
+    Masked,
+    Masker,
+    MaskingConfig,
+    fill,
+    word_start_table,
+    word_units,
+)
 from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.tokenizer import CLS_ID, MASK_ID, SEP_ID, TRAINER_SPECIAL_ARGS, Tokenizer
 
@@ -127,6 +135,31 @@ def test_ernie_mix_sets_the_levels_shares():
         levels += [len(masked.positions) - in_entities - in_phrases, in_phrases, in_entities]
         assert len(masked.positions) <= masker.budget(len(tokens))
     assert levels / levels.sum() == pytest.approx([0.5, 0.25, 0.25], abs=0.02)
+
+
+@pytest.mark.parametrize("preset", ["mlm", "wwm", "span", "ernie"])
+def test_a_batch_masks_each_sequence_on_its_own(preset):
+    """Sequences back to back, no specials between them and no word start where one begins: no unit
+    crosses into the next sequence, and each gets its own budget."""
+    masker, rng = Masker(PRESETS[preset], VOCAB), np.random.default_rng(7)
+    lengths = rng.integers(1, 300, 60)
+    tokens = rng.integers(5, VOCAB, lengths.sum())
+    starts = rng.random(lengths.sum()) < 0.6
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    starts[offsets[:-1]] = False
+    batch = masker.mask_batch(tokens, lengths, rng, word_starts=starts, phrases=[(3, 6), (298, 303)])
+    assert batch.position_counts.sum() == len(batch.positions) and len(batch.position_counts) == 60
+    positions = np.split(batch.positions, np.cumsum(batch.position_counts)[:-1])
+    labels = np.split(batch.labels, np.cumsum(batch.position_counts)[:-1])
+    spans = np.split(batch.spans, np.cumsum(batch.span_counts)[:-1])
+    for i, (a, b) in enumerate(zip(offsets, offsets[1:], strict=False)):
+        masked = Masked(batch.input_ids[a:b], positions[i], labels[i], spans[i])
+        check_consistent(tokens[a:b], masked)
+        assert (spans[i] >= 0).all() and (spans[i] <= b - a).all()
+        assert len(positions[i]) <= masker.budget(b - a)
+        if preset in ("mlm", "span"):  # these always fill the budget when the words allow it
+            assert len(positions[i]) == masker.budget(b - a)
+    assert batch.position_counts.sum() / lengths.sum() == pytest.approx(0.15, abs=0.01)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

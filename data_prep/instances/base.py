@@ -1,9 +1,11 @@
 """What an instance type is, and how instances are stored.
 
-An instance type turns one document of the tokenized shards (its sentences, as token-id arrays) into zero
-or more training instances, each a dict of 1-D integer arrays named by the type's `fields`. Everything
-random comes from the generator it is handed, which the driver seeds by (seed, dupe, document index): the
-output depends on nothing else, so 1 worker and N workers write the same bytes.
+An instance type turns documents of the tokenized shards (their sentences, as token-id arrays) into
+training instances, each a dict of 1-D integer arrays named by the type's `fields`: per document with
+`build`, or a batch of documents at once with `build_batch` (what the driver calls; by default it loops
+over `build`, and a type whose work vectorizes, such as BERT's masking, overrides it). Everything random
+comes from the generator it is handed, which the driver seeds per task: the output depends on nothing
+else, so 1 worker and N workers write the same bytes.
 
 Storage: every field of an output shard is a megatron-core indexed dataset of its own,
 `{shard}.{field}.bin/.idx`, one item per instance (a scalar such as a pair label is a 1-item array), so a
@@ -12,6 +14,8 @@ training run memory-maps it and reads instance i of every field without unpickli
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -51,12 +55,93 @@ class DocumentSource:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def sentences(self, doc: int) -> list[np.ndarray]:
+    def _locate(self, doc: int) -> tuple[IndexedDataset, int]:
         shard = int(np.searchsorted(self.offsets, doc, side="right")) - 1
-        ds = self.datasets[shard]
-        local = doc - int(self.offsets[shard])
+        return self.datasets[shard], doc - int(self.offsets[shard])
+
+    def sentences(self, doc: int) -> list[np.ndarray]:
+        ds, local = self._locate(doc)
         start, end = ds.document_indices[local], ds.document_indices[local + 1]
         return [ds[i].astype(np.int64) for i in range(start, end)]
+
+    def _per_shard(self, docs: range) -> Iterator[tuple[IndexedDataset, np.ndarray]]:
+        """(dataset, sentence bounds of the documents of `docs` in it), shard by shard."""
+        doc = docs.start
+        while doc < docs.stop:
+            ds, local = self._locate(doc)
+            count = min(docs.stop - doc, len(ds.document_indices) - 1 - local)
+            yield ds, ds.document_indices[local : local + count + 1]
+            doc += count
+
+    def block(self, docs: range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Documents `docs` read with one read per shard: their tokens back to back, every sentence's
+        length, and where each document's sentences start in those lengths (and where the last ends)."""
+        tokens, lengths, bounds = [], [], [np.zeros(1, dtype=np.int64)]
+        for ds, doc_bounds in self._per_shard(docs):
+            shard_lengths = ds.sequence_lengths[doc_bounds[0] : doc_bounds[-1]].astype(np.int64)
+            if len(shard_lengths):
+                pointer = int(ds.index.sequence_pointers[doc_bounds[0]])
+                tokens.append(ds.bin_reader.read(ds.index.dtype, int(shard_lengths.sum()), pointer))
+            bounds.append(doc_bounds[1:] - doc_bounds[0] + sum(map(len, lengths)))
+            lengths.append(shard_lengths)
+        empty = np.zeros(0, dtype=np.int64)
+        return (
+            np.concatenate([empty, *tokens]).astype(np.int64),
+            np.concatenate([empty, *lengths]),
+            np.concatenate(bounds),
+        )
+
+    def documents(self, docs: range) -> list[list[np.ndarray]]:
+        """The sentences of documents `docs` (views of one block read)."""
+        tokens, lengths, bounds = self.block(docs)
+        ends = np.cumsum(lengths).tolist()
+        sentences = [tokens[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        bounds = bounds.tolist()
+        return [sentences[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    def batches(self, docs: range, max_tokens: int) -> list[range]:
+        """`docs` cut into runs of whole documents of at most `max_tokens` tokens (at least one document
+        each): what a worker holds in memory at once, whatever the documents' sizes."""
+        tokens = []
+        for ds, bounds in self._per_shard(docs):
+            running = np.cumsum(ds.sequence_lengths[bounds[0] : bounds[-1]], dtype=np.int64)
+            tokens.extend(np.diff(np.concatenate([[0], running])[bounds - bounds[0]]).tolist())
+        runs, first, size = [], docs.start, 0
+        for doc, count in zip(docs, tokens, strict=True):
+            if doc > first and size + count > max_tokens:
+                runs.append(range(first, doc))
+                first, size = doc, 0
+            size += count
+        return runs + [range(first, docs.stop)] if len(docs) else runs
+
+
+@dataclass(frozen=True)
+class Instances:
+    """A batch of built instances, each field's items back to back: what a task writes in one go."""
+
+    values: dict[str, np.ndarray]
+    lengths: dict[str, np.ndarray]  # per field, each instance's item length
+    per_document: np.ndarray  # instances each document gave, in document order
+
+    @classmethod
+    def of_documents(cls, documents: list[list[dict[str, np.ndarray]]], fields: dict) -> Instances:
+        flat = [instance for document in documents for instance in document]
+        return cls(
+            {f: np.concatenate([i[f] for i in flat] or [np.zeros(0, dtype)]) for f, dtype in fields.items()},
+            {f: np.array([len(i[f]) for i in flat], dtype=np.int64) for f in fields},
+            np.array([len(document) for document in documents], dtype=np.int64),
+        )
+
+    def __len__(self) -> int:
+        return int(self.per_document.sum())
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        """Instance `index`, as `build` would have returned it."""
+        item = {}
+        for field, values in self.values.items():
+            ends = np.cumsum(self.lengths[field])
+            item[field] = values[ends[index] - self.lengths[field][index] : ends[index]]
+        return item
 
 
 def field_values(ds: IndexedDataset) -> np.ndarray:
@@ -93,6 +178,9 @@ class InstanceType:
         self, doc: int, source: DocumentSource, rng: np.random.Generator
     ) -> list[dict[str, np.ndarray]]:
         raise NotImplementedError
+
+    def build_batch(self, docs: range, source: DocumentSource, rng: np.random.Generator) -> Instances:
+        return Instances.of_documents([self.build(doc, source, rng) for doc in docs], self.fields)
 
     @classmethod
     def statistics(cls, instances: dict[str, IndexedDataset], vocab: Vocabulary) -> dict[str, float]:

@@ -24,7 +24,15 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from pydantic import Field
 
-from data_prep.instances.base import DocumentSource, InstanceType, Params, Vocabulary, field_values, register
+from data_prep.instances.base import (
+    DocumentSource,
+    Instances,
+    InstanceType,
+    Params,
+    Vocabulary,
+    field_values,
+    register,
+)
 from plmscale.data.masking import PRESETS, Masker
 
 Preset = Literal["mlm", "wwm", "wwm_zh", "span", "ernie"]
@@ -46,7 +54,6 @@ class BertInstances(InstanceType):
 
     fields = {
         "tokens": np.int32,  # masked input ids: [CLS] A [SEP] (B [SEP])
-        "segments": np.uint8,
         "mask_positions": np.int16,
         "mask_labels": np.int32,
         "spans": np.int16,  # [start, end) of every masked unit, flattened
@@ -80,14 +87,61 @@ class BertInstances(InstanceType):
             self.entities = EntityMatcher.from_file(params.entities, Tokenizer(params.tokenizer))
             self.phrases = PhraseTable.load(params.phrases) if params.phrases else None
 
-    def build(
-        self, doc: int, source: DocumentSource, rng: np.random.Generator
-    ) -> list[dict[str, np.ndarray]]:
-        sentences = self._sentences(source.sentences(doc))
-        target = self.max_tokens
-        if rng.random() < self.params.short_seq_prob:
-            target = int(rng.integers(2, self.max_tokens + 1))
-        instances, chunk, length, i = [], [], 0, 0
+    def build_batch(self, docs: range, source: DocumentSource, rng: np.random.Generator) -> Instances:
+        """Instances document by document, then one masking pass over all of the batch's instances."""
+        targets = np.full(len(docs), self.max_tokens)
+        short = rng.random(len(docs)) < self.params.short_seq_prob
+        targets[short] = rng.integers(2, self.max_tokens + 1, int(short.sum()))
+        if self.pair is None:
+            return self._packed(*source.block(docs), targets, rng)
+        pairs, per_document = [], []
+        documents = source.documents(docs)
+        for doc, sentences, target in zip(docs, documents, targets.tolist(), strict=True):
+            found = self._pairs(doc, self._sentences(sentences), target, source, rng)
+            pairs.extend(found)
+            per_document.append(len(found))
+        return self._paired(pairs, np.array(per_document, dtype=np.int64), rng)
+
+    def _packed(self, tokens, sentence_lengths, bounds, targets, rng) -> Instances:
+        """No pair: the documents' tokens stay in order, cut into chunks of whole sentences, each
+        [CLS] chunk [SEP]; only the chunk lengths are worked out sentence by sentence."""
+        lengths, bounds = sentence_lengths.tolist(), bounds.tolist()
+        chunks, per_document = [], []
+        for first, end, target in zip(bounds, bounds[1:], targets.tolist(), strict=False):
+            found = self._pack(lengths[first:end], target)
+            chunks.extend(found)
+            per_document.append(len(found))
+        chunks = np.array(chunks, dtype=np.int64)
+        instance = np.repeat(np.arange(len(chunks)), chunks)
+        lengths = chunks + 2
+        starts = np.cumsum(lengths) - lengths
+        with_specials = np.empty(int(lengths.sum()), dtype=np.int64)
+        with_specials[np.arange(len(tokens)) + 2 * instance + 1] = tokens
+        with_specials[starts] = self.vocab.cls_id
+        with_specials[starts + lengths - 1] = self.vocab.sep_id
+        return self._masked(with_specials, lengths, np.array(per_document, dtype=np.int64), rng)
+
+    def _pack(self, lengths: list[int], target: int) -> list[int]:
+        """Greedy: whole sentences into chunks of at most `target` tokens (a sentence longer than that is
+        a chunk of its own), after a sentence longer than a segment holds is cut into pieces that fit."""
+        limit, chunks, size = self.max_tokens, [], 0
+        for length in lengths:
+            pieces = (length,)
+            if length > limit:
+                self.counts["sentences_cut"] += 1
+                pieces = [limit] * (length // limit) + [length % limit] * (length % limit > 0)
+            for piece in pieces:
+                if size and size + piece > target:
+                    chunks.append(size)
+                    size = 0
+                size += piece
+        return chunks + [size] if size else chunks
+
+    def _pairs(
+        self, doc: int, sentences: list[np.ndarray], target: int, source: DocumentSource, rng
+    ) -> list[tuple]:
+        """(A, B, pair label) of each instance of one document."""
+        pairs, chunk, length, i = [], [], 0, 0
         while i < len(sentences):
             chunk.append(sentences[i])
             length += len(sentences[i])
@@ -96,12 +150,12 @@ class BertInstances(InstanceType):
                 if segments is None:
                     self.counts["chunks_too_short_for_pair"] += 1
                 else:
-                    a, b, label, put_back = segments
-                    instances.append(self._instance(a, b, label, rng))
+                    *pair, put_back = segments
+                    pairs.append(pair)
                     i -= put_back
                 chunk, length = [], 0
             i += 1
-        return instances
+        return pairs
 
     def _sentences(self, sentences: list[np.ndarray]) -> list[np.ndarray]:
         """A sentence longer than a segment can hold is cut into pieces that fit."""
@@ -115,9 +169,7 @@ class BertInstances(InstanceType):
         return out
 
     def _segments(self, chunk, target, doc, source, rng) -> tuple | None:
-        """(A, B or None, pair label, sentences put back); None if a pair cannot be made of the chunk."""
-        if self.pair is None:
-            return np.concatenate(chunk), None, 0, 0
+        """(A, B, pair label, sentences put back); None if a pair cannot be made of the chunk."""
         swap = rng.random() < 0.5
         total = sum(map(len, chunk))
         if self.pair == "nsp" and (swap or total < 2):
@@ -165,26 +217,42 @@ class BertInstances(InstanceType):
             cut[longer][back] += 1
         return a[cut[0][0] : len(a) - cut[0][1]], b[cut[1][0] : len(b) - cut[1][1]]
 
-    def _instance(self, a: np.ndarray, b: np.ndarray | None, label: int, rng) -> dict[str, np.ndarray]:
-        v = self.vocab
-        parts = [[v.cls_id], a, [v.sep_id]] + ([] if b is None else [b, [v.sep_id]])
-        tokens = np.concatenate(parts).astype(np.int64)
-        segments = np.zeros(len(tokens), dtype=np.uint8)
-        segments[len(a) + 2 :] = 1
-        masked = self.masker.mask(tokens, rng, **self._units(tokens))
-        instance = {
-            "tokens": masked.input_ids,
-            "segments": segments,
-            "mask_positions": masked.positions,
-            "mask_labels": masked.labels,
-            "spans": masked.spans.reshape(-1),
-        }
-        if self.pair:
-            instance["pair_label"] = np.array([label])
-        return instance
+    def _paired(self, pairs: list[tuple], per_document: np.ndarray, rng) -> Instances:
+        """[CLS] A [SEP] B [SEP] for every pair, with its segment ids and pair label."""
+        cls_id, sep_id = np.array([self.vocab.cls_id]), np.array([self.vocab.sep_id])
+        parts = [cls_id]  # so that an empty batch concatenates too
+        for a, b, _ in pairs:
+            parts += [cls_id, a, sep_id, b, sep_id]
+        tokens = np.concatenate(parts).astype(np.int64)[1:]
+        length_a = np.array([len(a) for a, _, _ in pairs], dtype=np.int64)
+        length_b = np.array([len(b) for _, b, _ in pairs], dtype=np.int64)
+        segment_runs = np.stack([length_a + 2, length_b + 1], axis=1).reshape(-1)  # zeros, then ones
+        lengths = length_a + length_b + 3
+        return self._masked(
+            tokens, lengths, per_document, rng,
+            segments=(np.repeat(np.tile([0, 1], len(pairs)), segment_runs), lengths),
+            pair_label=(np.array([label for _, _, label in pairs]), np.ones(len(pairs), dtype=np.int64)),
+        )  # fmt: skip
+
+    def _masked(self, tokens, lengths, per_document, rng, **extra) -> Instances:
+        """Mask the batch's instances in one `Masker.mask_batch` call; `extra` fields come as (values,
+        per-instance lengths)."""
+        masked = self.masker.mask_batch(tokens, lengths, rng, **self._units(tokens))
+        fields = {
+            "tokens": (masked.input_ids, lengths),
+            "mask_positions": (masked.positions, masked.position_counts),
+            "mask_labels": (masked.labels, masked.position_counts),
+            "spans": (masked.spans.reshape(-1), 2 * masked.span_counts),
+        } | extra
+        return Instances(
+            {field: values for field, (values, _) in fields.items()},
+            {field: sizes for field, (_, sizes) in fields.items()},
+            per_document,
+        )
 
     def _units(self, tokens: np.ndarray) -> dict:
-        """What the preset masks together: words, and for ERNIE phrases and entities."""
+        """What the preset masks together: words, and for ERNIE phrases and entities. Specials separate
+        the instances, and no word, phrase or entity contains one, so one pass over the batch does."""
         if self.word_starts is None:
             return {}
         units = {"word_starts": self.word_starts(tokens, self.vocab)}
@@ -205,7 +273,7 @@ class BertInstances(InstanceType):
 
 
 def _with_pair(fields: dict) -> dict:
-    return fields | {"pair_label": np.uint8}
+    return fields | {"segments": np.uint8, "pair_label": np.uint8}
 
 
 @register

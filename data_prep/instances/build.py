@@ -2,13 +2,15 @@
 
 The work is cut into fixed tasks, (dupe, a range of `docs_per_task` documents). A task writes its own
 output shard `inst_NNNNN.{field}.bin/.idx`, then `inst_NNNNN.done.json` with the files' sha256 and its
-counts (atomically, after the files). Each document's randomness comes from a generator seeded by
-(seed, dupe, document), so neither the worker count nor the task size changes a byte of an instance.
+counts (atomically, after the files). A task's randomness comes from one generator seeded by (seed,
+dupe, its first document), and the tasks are fixed by `docs_per_task` (part of the configuration), so
+the worker count never changes a byte. A worker builds a task in batches of about `BATCH_TOKENS` source
+tokens, each masked in one vectorized pass.
 
 A restart keeps every task whose record was made by the same configuration and whose files still match
 their sha256 (a mismatch is an error naming the file), rebuilds the others (a killed task's partial files
 are overwritten), and writes `manifest.json` last. Memory is bounded: the main process keeps one record
-per task, a worker one task's index.
+per task, a worker one task's index and one batch.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ with warnings.catch_warnings():
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 _TASK_FILE = re.compile(r"inst_(\d{5,})\.")
+BATCH_TOKENS = 1 << 20  # source tokens a worker builds and masks at once: its memory, whatever the documents
 _worker: dict = {}
 
 
@@ -229,23 +232,21 @@ def _run_task(task: Task) -> dict:
     counts, rejected = Counter(), Counter()
     builder.counts = Counter()  # the type's own events (sentences cut, ...), if it counts any
     longest = 0
-    for doc in range(task.first, task.end):
-        instances = builder.build(doc, source, np.random.default_rng([_worker["seed"], task.dupe, doc]))
-        counts["documents_in"] += 1
-        if not instances:
-            rejected["no_instance"] += 1
-            continue
-        counts["documents_out"] += 1
-        counts["documents_split"] += len(instances) > 1
-        counts["instances"] += len(instances)
+    rng = np.random.default_rng([_worker["seed"], task.dupe, task.first])
+    for docs in source.batches(range(task.first, task.end), BATCH_TOKENS):
+        batch = builder.build_batch(docs, source, rng)
+        per_document = batch.per_document
+        counts["documents_in"] += len(per_document)
+        rejected["no_instance"] += int((per_document == 0).sum())
+        counts["documents_out"] += int((per_document > 0).sum())
+        counts["documents_split"] += int((per_document > 1).sum())
+        counts["instances"] += len(batch)
         for field, writer in writers.items():
-            items = [instance[field] for instance in instances]
-            writer.add_document(np.concatenate(items), [len(item) for item in items])
-        lengths = [len(instance[main]) for instance in instances]
-        counts["tokens"] += sum(lengths)
-        longest = max(longest, *lengths)
+            _add_documents(writer, batch.values[field], batch.lengths[field], per_document[per_document > 0])
+        counts["tokens"] += int(batch.lengths[main].sum())
+        longest = max(longest, int(batch.lengths[main].max(initial=0)))
         if "mask_positions" in fields:
-            counts["masked_tokens"] += sum(len(instance["mask_positions"]) for instance in instances)
+            counts["masked_tokens"] += int(batch.lengths["mask_positions"].sum())
     files = {}
     for field, writer in writers.items():
         writer.finalize(str(out / f"{task.prefix}.{field}.idx"))
@@ -262,12 +263,20 @@ def _run_task(task: Task) -> dict:
         "files": files,
         "counts": dict(counts)
         | dict(builder.counts)
-        | {"longest_instance": longest, "rejected": dict(rejected)},
+        | {"longest_instance": longest, "rejected": {k: v for k, v in rejected.items() if v}},
     }
     path = out / f"{task.prefix}.done.json"
     path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
     os.replace(path.with_suffix(".tmp"), path)
     return record
+
+
+def _add_documents(writer: IndexedDatasetBuilder, values, item_lengths, items_per_document) -> None:
+    """megatron-core's `add_document` for many documents at once: one write, then a document boundary
+    after each source document's items (its `end_document`, which only records a boundary)."""
+    writer.add_document(values, item_lengths.tolist())
+    first = writer.document_indices.pop() - len(item_lengths)
+    writer.document_indices.extend((first + np.cumsum(items_per_document)).tolist())
 
 
 def _total_counts(counts: list[dict]) -> dict:

@@ -74,6 +74,15 @@ class Masked:
     spans: np.ndarray  # int64 [n, 2], [start, end) of each masked unit; SBO boundaries are start-1 and end
 
 
+@dataclass(frozen=True)
+class MaskedBatch(Masked):
+    """Many sequences masked at once, back to back: positions and spans are within their own sequence,
+    `position_counts[i]` and `span_counts[i]` say how many of each belong to sequence i."""
+
+    position_counts: np.ndarray
+    span_counts: np.ndarray
+
+
 def word_start_table(tokenizer: Tokenizer) -> np.ndarray:
     """Per vocabulary id: does the piece begin a word (SentencePiece's U+2581 marker)? Specials stand alone."""
     table = np.array([tokenizer.id_to_piece(i).startswith(WORD_START) for i in range(tokenizer.vocab_size)])
@@ -93,25 +102,37 @@ def word_units(maskable: np.ndarray, word_starts: np.ndarray) -> tuple[np.ndarra
     return starts[keep], ends[keep]
 
 
-def fill(lengths: np.ndarray, budget: int) -> np.ndarray:
+def fill(lengths: np.ndarray, budget, groups: np.ndarray | None = None) -> np.ndarray:
     """Which units Google's greedy takes walking them in order: each one that still fits the budget.
 
-    Vectorized: every round takes the longest prefix of still-fitting units, so it runs at most as many
-    rounds as the budget has positions left when a unit first overshoots (usually one or two).
+    `groups` (non-decreasing, default all 0) splits the units into sequences, group g with its own
+    `budget[g]`. Vectorized: every round takes, per group, the longest prefix of still-fitting units and
+    skips the first one that overshoots, so it runs as many rounds as a group overshoots (usually one or
+    two), however many sequences the batch holds.
     """
-    taken = np.zeros(len(lengths), dtype=bool)
-    left, first = budget, 0
-    while left > 0:
-        rest = first + np.flatnonzero(lengths[first:] <= left)
-        if not len(rest):
-            break
-        count = int((np.cumsum(lengths[rest]) <= left).sum())
-        taken[rest[:count]] = True
-        left -= int(lengths[rest[:count]].sum())
-        if count == len(rest):
-            break
-        first = int(rest[count]) + 1
-    return taken
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    groups = np.zeros(n, dtype=np.int64) if groups is None else groups
+    left = np.array(budget, dtype=np.int64, ndmin=1)
+    group_start, group_size = _group_bounds(groups, len(left))
+    group_first, group_end = group_start[groups], group_start + group_size
+    index = np.arange(n)
+    taken, active = np.zeros(n, dtype=bool), np.ones(n, dtype=bool)
+    while True:
+        room = left[groups]
+        candidate = active & (lengths <= room) & (room > 0)
+        if not candidate.any():
+            return taken
+        size = np.where(candidate, lengths, 0)
+        total = np.cumsum(size)
+        fits = candidate & (total - total[group_first] + size[group_first] <= room)  # sums within a group
+        taken |= fits
+        left -= np.bincount(groups[fits], lengths[fits], minlength=len(left)).astype(np.int64)
+        over = np.flatnonzero(candidate & ~fits)
+        resume = group_end.copy()  # a group that did not overshoot is done ...
+        first_over, seen = np.unique(groups[over], return_index=True)
+        resume[first_over] = over[seen] + 1  # ... one that did goes on after its first overshoot
+        active &= index >= resume[groups]
 
 
 def _as_spans(candidates: list[tuple[int, int]] | None) -> np.ndarray:
@@ -126,8 +147,22 @@ def _as_spans(candidates: list[tuple[int, int]] | None) -> np.ndarray:
     return spans[keep]
 
 
+def _group_bounds(groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index of each group's first item and its item count, for items sorted by group."""
+    size = np.bincount(groups, minlength=n_groups)
+    return np.cumsum(size) - size, size
+
+
+def _shuffle_within(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An order of the items that keeps the (sorted) groups in place and shuffles each one: one radix
+    argsort of (group, 32 random bits) packed in an int64, 10x faster than a lexsort of the two."""
+    key = (groups.astype(np.int64) << 32) | rng.integers(0, 1 << 32, len(groups), dtype=np.int64)
+    return np.argsort(key, kind="stable")
+
+
 class Masker:
-    """Masks one sequence per call; all randomness comes from the generator passed in."""
+    """Masks a batch of sequences in one vectorized pass (or one sequence); all randomness comes from the
+    generator passed in, so a batch's masks depend on the seed and the batch only."""
 
     def __init__(self, config: MaskingConfig, vocab_size: int):
         self.config, self.vocab_size = config, vocab_size
@@ -135,9 +170,12 @@ class Masker:
         weights = config.span_p * (1 - config.span_p) ** (lengths - 1)
         self.span_cdf = np.cumsum(weights / weights.sum())
 
-    def budget(self, length: int) -> int:
-        count = max(1, int(round(length * self.config.mask_prob)))
-        return min(count, self.config.max_predictions or count)
+    def budget(self, length):
+        """Positions to predict in a sequence of `length` (an int, or an array of lengths)."""
+        count = np.maximum(1, np.round(np.asarray(length) * self.config.mask_prob).astype(np.int64))
+        if self.config.max_predictions:
+            count = np.minimum(count, self.config.max_predictions)
+        return count if count.ndim else int(count)
 
     def mask(
         self,
@@ -149,71 +187,148 @@ class Masker:
         phrases: list[tuple[int, int]] | None = None,
         entities: list[tuple[int, int]] | None = None,
     ) -> Masked:
-        """Mask `tokens`; `maskable` defaults to every non-special token. `word_starts` is needed by the word
-        and span units; ernie uses it, when given, to make its basic units whole words (ERNIE's English)."""
+        """Mask one sequence: `mask_batch` with a batch of one."""
+        batch = self.mask_batch(
+            tokens, [len(tokens)], rng, maskable=maskable, word_starts=word_starts, phrases=phrases,
+            entities=entities,
+        )  # fmt: skip
+        return Masked(batch.input_ids, batch.positions, batch.labels, batch.spans)
+
+    def mask_batch(
+        self,
+        tokens: np.ndarray,
+        lengths,
+        rng: np.random.Generator,
+        *,
+        maskable: np.ndarray | None = None,
+        word_starts: np.ndarray | None = None,
+        phrases: list[tuple[int, int]] | None = None,
+        entities: list[tuple[int, int]] | None = None,
+    ) -> MaskedBatch:
+        """Mask sequences of `lengths` given back to back in `tokens`, each with its own budget.
+
+        `maskable` defaults to every non-special token. `word_starts` is needed by the word and span units;
+        ernie uses it, when given, to make its basic units whole words (ERNIE's English), and takes the
+        [start, end) of phrases and entities in `tokens` (one crossing two sequences is ignored).
+        """
         tokens = np.asarray(tokens, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
         maskable = tokens >= FIRST_ORDINARY_ID if maskable is None else np.asarray(maskable, dtype=bool)
-        unit, budget = self.config.unit, self.budget(len(tokens))
+        unit, budgets = self.config.unit, self.budget(lengths)
         if unit in ("word", "span") and word_starts is None:
             raise ValueError(f"unit={unit!r} needs word_starts")
         if word_starts is not None:
-            word_starts = np.asarray(word_starts, dtype=bool)
+            word_starts = np.array(word_starts, dtype=bool)
+            word_starts[offsets[:-1][lengths > 0]] = True  # no word crosses into the next sequence
+        sequence = np.repeat(np.arange(len(lengths)), lengths)
         if unit == "token":
-            spans = self._tokens(maskable, budget, rng)
+            spans = self._tokens(maskable, sequence, budgets, rng)
         elif unit == "word":
-            spans = self._words(maskable, word_starts, budget, rng)
+            spans = self._words(maskable, word_starts, sequence, budgets, rng)
         elif unit == "span":
-            spans = self._spans(maskable, word_starts, budget, rng)
+            spans = self._spans(maskable, word_starts, sequence, budgets, rng)
         else:
-            spans = self._ernie(maskable, word_starts, budget, rng, _as_spans(phrases), _as_spans(entities))
-        return self._replace(tokens, spans, per_unit=unit in ("span", "ernie"), rng=rng)
+            spans = self._ernie_batch(maskable, word_starts, offsets, budgets, rng, phrases, entities)
+        return self._replace(tokens, spans, offsets, sequence, per_unit=unit in ("span", "ernie"), rng=rng)
 
     @staticmethod
-    def _tokens(maskable: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    def _tokens(maskable, sequence, budgets, rng: np.random.Generator) -> np.ndarray:
+        """`budget` positions per sequence, uniformly among its maskable ones."""
         candidates = np.flatnonzero(maskable)
-        chosen = np.sort(candidates[rng.permutation(len(candidates))[:budget]])
+        groups = sequence[candidates]
+        order = _shuffle_within(groups, rng)
+        rank = np.arange(len(order)) - _group_bounds(groups, len(budgets))[0][groups]
+        chosen = np.sort(candidates[order][rank < budgets[groups]])
         return np.stack([chosen, chosen + 1], axis=1)
 
     @staticmethod
-    def _words(maskable, word_starts, budget: int, rng: np.random.Generator) -> np.ndarray:
+    def _words(maskable, word_starts, sequence, budgets, rng: np.random.Generator) -> np.ndarray:
+        """Google's whole-word masking: walk each sequence's words in random order, take what fits."""
         starts, ends = word_units(maskable, word_starts)
-        order = rng.permutation(len(starts))
-        chosen = np.sort(order[fill((ends - starts)[order], budget)])
+        groups = sequence[starts]
+        order = _shuffle_within(groups, rng)
+        chosen = np.sort(order[fill((ends - starts)[order], budgets, groups)])
         return np.stack([starts[chosen], ends[chosen]], axis=1)
 
-    def _spans(self, maskable, word_starts, budget: int, rng: np.random.Generator) -> np.ndarray:
-        """SpanBERT: draw a length in words, then a start uniformly among the words where that many free
-        words follow without crossing an unmaskable position; the last span stops at the budget."""
+    def _spans(self, maskable, word_starts, sequence, budgets, rng: np.random.Generator) -> np.ndarray:
+        """SpanBERT, each round one span per sequence still under budget: draw a length in words, then a
+        start uniformly among the words where that many free words follow without crossing an unmaskable
+        position (the length shrinks to the longest free run); the last span stops at the budget."""
         starts, ends = word_units(maskable, word_starts)
-        n = len(starts)
-        run = np.concatenate([[0], np.cumsum(starts[1:] != ends[:-1])])  # contiguous words share a run
-        free = np.searchsorted(run, run, side="right") - np.arange(n)  # free words from each word on
-        lengths = np.minimum(
-            np.searchsorted(self.span_cdf, rng.random(budget), side="right") + 1, len(self.span_cdf)
-        )
-        picks = rng.random(budget)
-        spans, masked = [], 0
-        for length, pick in zip(lengths.tolist(), picks.tolist(), strict=True):
-            if masked >= budget or n == 0:
+        n, n_seq = len(starts), len(budgets)
+        groups = sequence[starts]
+        joined = np.zeros(n, dtype=bool)  # word i continues the run of word i-1
+        joined[1:] = (starts[1:] == ends[:-1]) & (groups[1:] == groups[:-1])
+        word_start, word_count = _group_bounds(groups, n_seq)
+        has_words = word_count > 0
+        taken = np.zeros(n, dtype=bool)
+        masked = np.zeros(n_seq, dtype=np.int64)
+        found, held = [], n_seq  # sequences whose words the arrays still hold
+        while True:
+            free = self._free_words(joined, taken)
+            longest = np.zeros(n_seq, dtype=np.int64)
+            if len(free):
+                longest[has_words] = np.maximum.reduceat(free, word_start[has_words])
+            live = np.flatnonzero((masked < budgets) & (longest > 0))
+            if not len(live):
                 break
-            length = min(length, int(free.max()))
-            if length == 0:
-                break
-            valid = np.flatnonzero(free >= length)
-            word = int(valid[int(pick * len(valid))])
-            start, end = int(starts[word]), int(ends[word + length - 1])
-            end = min(end, start + budget - masked)
-            spans.append((start, end))
-            masked += end - start
-            free[word : word + length] = 0
-            free[:word] = np.minimum(free[:word], word - np.arange(word))  # runs before now end at `word`
-        return np.array(sorted(spans), dtype=np.int64).reshape(-1, 2)
+            if len(live) < held // 2:  # most sequences are done: drop their words, so rounds get cheaper
+                keep = np.zeros(n_seq, dtype=bool)
+                keep[live] = True
+                words = keep[groups]
+                starts, ends, groups, joined, taken, free = (
+                    array[words] for array in (starts, ends, groups, joined, taken, free)
+                )
+                word_start, word_count = _group_bounds(groups, n_seq)
+                has_words, held = word_count > 0, len(live)
+            draw = np.searchsorted(self.span_cdf, rng.random(len(live)), side="right") + 1
+            want = np.zeros(n_seq, dtype=np.int64)
+            want[live] = np.minimum(np.minimum(draw, len(self.span_cdf)), longest[live])
+            valid = np.flatnonzero((free >= want[groups]) & (want[groups] > 0))
+            counts = np.bincount(groups[valid], minlength=n_seq)
+            first_valid = np.cumsum(counts) - counts
+            word = valid[first_valid[live] + (rng.random(len(live)) * counts[live]).astype(np.int64)]
+            length = want[live]
+            start = starts[word]
+            end = np.minimum(ends[word + length - 1], start + budgets[live] - masked[live])
+            found.append(np.stack([start, end], axis=1))
+            masked[live] += end - start
+            taken[np.repeat(word - np.cumsum(length) + length, length) + np.arange(length.sum())] = True
+        spans = np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+        return spans[np.argsort(spans[:, 0])]
+
+    @staticmethod
+    def _free_words(joined: np.ndarray, taken: np.ndarray) -> np.ndarray:
+        """Per word: how many untaken words follow contiguously from it, itself included (0 if taken)."""
+        n = len(taken)
+        open_ = ~taken
+        run_start = open_.copy()
+        run_start[1:] &= ~(joined[1:] & open_[:-1])
+        run_end = open_.copy()
+        run_end[:-1] &= ~(joined[1:] & open_[1:])
+        last = np.flatnonzero(run_end)
+        run = np.cumsum(run_start) - 1
+        free = np.zeros(n, dtype=np.int64)
+        index = np.flatnonzero(open_)
+        free[index] = last[run[index]] - index + 1
+        return free
+
+    def _ernie_batch(self, maskable, word_starts, offsets, budgets, rng, phrases, entities) -> np.ndarray:
+        """ERNIE's units are chosen sequence by sequence, each from the phrases and entities inside it."""
+        phrases, entities = _as_spans(phrases), _as_spans(entities)
+        chosen = [np.zeros((0, 2), dtype=np.int64)]
+        for i, budget in enumerate(budgets.tolist()):
+            a, b = int(offsets[i]), int(offsets[i + 1])
+            inside = [units[(units[:, 0] >= a) & (units[:, 1] <= b)] - a for units in (phrases, entities)]
+            starts = None if word_starts is None else word_starts[a:b]
+            chosen.append(self._ernie(maskable[a:b], starts, budget, rng, *inside) + a)
+        return np.concatenate(chosen)
 
     def _ernie(self, maskable, word_starts, budget, rng, phrases, entities) -> np.ndarray:
         """Entity, then phrase units, each up to its share of the budget; basic units take the rest."""
         chosen, taken = [], np.zeros(len(maskable), dtype=bool)
         for level, candidates in (("entity", entities), ("phrase", phrases)):
-            candidates = candidates[(candidates[:, 0] >= 0) & (candidates[:, 1] <= len(taken))]
             blocked = np.concatenate([[0], np.cumsum(taken | ~maskable)])  # free inside: no count change
             candidates = candidates[blocked[candidates[:, 1]] == blocked[candidates[:, 0]]]
             order = rng.permutation(len(candidates))
@@ -231,7 +346,8 @@ class Masker:
         spans = np.concatenate(chosen)
         return spans[np.argsort(spans[:, 0])]
 
-    def _replace(self, tokens, spans, *, per_unit: bool, rng: np.random.Generator) -> Masked:
+    def _replace(self, tokens, spans, offsets, sequence, *, per_unit: bool, rng) -> MaskedBatch:
+        """80/10/10 over the chosen units' positions; positions and spans made sequence-relative."""
         lengths = spans[:, 1] - spans[:, 0]
         total = int(lengths.sum())
         positions = np.ascontiguousarray(spans[:, 0])
@@ -244,4 +360,13 @@ class Masker:
         input_ids = tokens.copy()
         input_ids[to_mask] = MASK_ID
         input_ids[to_random] = rng.integers(FIRST_ORDINARY_ID, self.vocab_size, len(to_random))
-        return Masked(input_ids, positions, tokens[positions], spans)
+        n_seq = len(offsets) - 1
+        position_seq, span_seq = sequence[positions], sequence[spans[:, 0]]
+        return MaskedBatch(
+            input_ids=input_ids,
+            positions=positions - offsets[position_seq],
+            labels=tokens[positions],
+            spans=spans - offsets[span_seq][:, None],
+            position_counts=np.bincount(position_seq, minlength=n_seq),
+            span_counts=np.bincount(span_seq, minlength=n_seq),
+        )
