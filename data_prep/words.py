@@ -73,3 +73,6 @@ def chinese_word_starts(tokens: np.ndarray, vocab: Vocabulary) -> np.ndarray:
         if i + 1 < len(tokens) and starts[i + 1] and tokens[i + 1] > MASK_ID:
             starts[i], starts[i + 1] = True, False
     return starts
+
+
+SEGMENTERS = {"sentencepiece": english_word_starts, "jieba": chinese_word_starts}

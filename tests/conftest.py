@@ -15,6 +15,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TEST_VOCAB = 2000
+ZH_WORDS = [  # two-character words; their pieces are what whole-word masking keeps together
+    "我们", "北京", "大学", "学习", "人工", "智能", "中国", "历史", "文化", "经济",
+    "发展", "科学", "技术", "研究", "老师", "学生", "今天", "天气", "很好", "喜欢",
+    "音乐", "电影", "城市", "生活", "朋友", "工作", "问题", "方法", "世界", "和平",
+]  # fmt: skip
 
 # Subprocesses (the deepspeed launcher and its ranks) run on DeepSpeed's CPU accelerator, 1 thread each.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

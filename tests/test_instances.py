@@ -4,6 +4,7 @@ statistics, and MLM training on instances."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TEST_VOCAB, tiny_recipe, write_recipe
+from conftest import REPO, TEST_VOCAB, ZH_WORDS, tiny_recipe, write_recipe
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from data_prep import UserError
@@ -25,9 +26,12 @@ from data_prep.instances.base import DocumentSource, Vocabulary, instance_type
 from data_prep.instances.build import build_instances
 from data_prep.instances.stats import instance_statistics
 from data_prep.manifest import ManifestError, load_manifest, split_prefixes
+from data_prep.phrases import PhraseTable
+from data_prep.words import chinese_word_starts
 from plmscale.config import ConfigError, ModelConfig, load_config
 from plmscale.data import InstanceBatchSource, InstanceSet
 from plmscale.data.instances import InstanceSetError
+from plmscale.data.masking import word_units
 from plmscale.model.transformer import TransformerLM
 from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.tokenizer import CLS_ID, MASK_ID, SEP_ID, Tokenizer
@@ -287,3 +291,53 @@ def test_recipe_with_instances_is_validated(shards, tmp_path):
     recipe["model"]["kind"] = "decoder"
     with pytest.raises(ConfigError, match="data.instances"):
         load_config(write_recipe(tmp_path / "bad.yaml", recipe))
+
+
+@pytest.fixture(scope="module")
+def zh_shards(tmp_path_factory) -> Path:
+    """Chinese documents of random words in which 学生 is always followed by 朋友, one sentence a
+    paragraph (the sentence splitter knows no 。), a small SentencePiece model and its shards."""
+    from data_prep.shards import build_shards
+    from data_prep.tokenizer import train_tokenizer
+
+    root, rng = tmp_path_factory.mktemp("zh_corpus"), np.random.default_rng(0)
+    words = [w for w in ZH_WORDS if w not in ("学生", "朋友")] + ["学生朋友"]  # the two never apart
+    with (root / "zh.jsonl").open("w", encoding="utf-8") as out:
+        for _ in range(300):
+            sentences = [
+                "".join(rng.choice(words, rng.integers(4, 12))) + "。" for _ in range(rng.integers(2, 6))
+            ]
+            out.write(json.dumps({"text": "\n\n".join(sentences)}, ensure_ascii=False) + "\n")
+    train_tokenizer([root / "zh.jsonl"], root / "tokenizer", vocab_size=330, character_coverage=1.0)
+    build_shards([root / "zh.jsonl"], root / "tokenizer" / "tokenizer.model", root / "shards", progress=False)
+    return root / "shards"
+
+
+def test_chinese_whole_words_and_ernie_phrases_come_from_jieba(zh_shards, tmp_path):
+    vocab = Vocabulary(Tokenizer(zh_shards.parent / "tokenizer" / "tokenizer.model"))
+    build_instances(zh_shards, "wwm_zh", tmp_path / "wwm", params={"max_seq_length": 64}, progress=False)
+    instances, units_masked = InstanceSet(tmp_path / "wwm"), 0
+    for i, tokens in enumerate(originals(instances)):
+        hit = np.zeros(len(tokens), dtype=bool)
+        hit[instances[i]["mask_positions"].astype(np.int64)] = True
+        for start, end in zip(*word_units(tokens >= 5, chinese_word_starts(tokens, vocab)), strict=True):
+            assert hit[start:end].all() or not hit[start:end].any()  # a jieba word is masked whole
+            units_masked += end - start > 1 and hit[start]
+    assert units_masked > 100  # and jieba words made of several pieces were masked
+
+    (tmp_path / "entities.txt").write_text("北京大学\n人工智能\n", encoding="utf-8")
+    # short instances: a 15 % budget's phrase quarter (2 tokens) would never fit a 4-token phrase
+    params = {"words": "jieba", "entities": str(tmp_path / "entities.txt"), "mask_prob": 0.4}
+    params |= {"max_seq_length": 64, "max_predictions_per_seq": 64}
+    manifest = build_instances(zh_shards, "ernie", tmp_path / "ernie", params=params, progress=False)
+    phrases = PhraseTable.load(manifest["params"]["phrases"]).scores
+    surfaces = {"".join(vocab.pieces[t] for t in key).replace("\u2581", "") for key in phrases}
+    assert "学生朋友" in surfaces  # the planted collocation of two jieba words
+    instances = InstanceSet(tmp_path / "ernie")
+    masked_units = {
+        tuple(tokens[a:b].tolist())
+        for i, tokens in enumerate(originals(instances))
+        for a, b in instances[i]["spans"].reshape(-1, 2)
+    }
+    assert masked_units & set(phrases)  # phrases were masked as units
+    assert manifest["counts"]["masked_tokens"] / manifest["counts"]["tokens"] == pytest.approx(0.4, abs=0.02)

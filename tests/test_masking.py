@@ -4,6 +4,7 @@ lengths, ERNIE's level mix; Chinese words from jieba; the phrase table and entit
 import numpy as np
 import pytest
 import sentencepiece as spm
+from conftest import ZH_WORDS
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from data_prep.instances.base import Vocabulary
@@ -23,11 +24,6 @@ from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.tokenizer import CLS_ID, MASK_ID, SEP_ID, TRAINER_SPECIAL_ARGS, Tokenizer
 
 VOCAB = 1000
-ZH_WORDS = [  # two-character words; their pieces are what whole-word masking keeps together
-    "我们", "北京", "大学", "学习", "人工", "智能", "中国", "历史", "文化", "经济",
-    "发展", "科学", "技术", "研究", "老师", "学生", "今天", "天气", "很好", "喜欢",
-    "音乐", "电影", "城市", "生活", "朋友", "工作", "问题", "方法", "世界", "和平",
-]  # fmt: skip
 
 
 def sequence(rng, n: int = 256, word_prob: float = 0.7):

@@ -44,6 +44,11 @@ class BertParams(Params):
     max_predictions_per_seq: int = Field(20, gt=0)
     masking: Preset | None = Field(None, description="masker preset; default: the objective's own")
     mask_prob: float | None = Field(None, gt=0, lt=1, description="overrides the preset's 0.15")
+    words: Literal["sentencepiece", "jieba"] | None = Field(
+        None,
+        description="word boundaries of word, span and ernie units: SentencePiece's marker (English) or "
+        "jieba (Chinese, as Chinese BERT-wwm and ERNIE 1.0); default jieba for wwm_zh, else sentencepiece",
+    )
     entities: str | None = Field(None, description="ernie: entity list, one entity a line")
     phrases: str | None = Field(None, description="ernie: phrase table, written by the driver's first pass")
     tokenizer: str | None = Field(None, description="ernie: tokenizes the entity list; set by the driver")
@@ -73,11 +78,11 @@ class BertInstances(InstanceType):
         self.counts: Counter = Counter()  # sentences cut, tokens truncated: read by the driver
         self.word_starts = self.phrases = self.entities = None
         if self.masking != "mlm":  # jieba and the phrase tables load only where needed
-            from data_prep import words
+            from data_prep.words import SEGMENTERS
 
-            self.word_starts = (
-                words.chinese_word_starts if self.masking == "wwm_zh" else words.english_word_starts
-            )
+            self.word_starts = SEGMENTERS[
+                params.words or ("jieba" if self.masking == "wwm_zh" else "sentencepiece")
+            ]
         if self.masking == "ernie":
             from data_prep.phrases import EntityMatcher, PhraseTable
             from plmscale.tokenizer import Tokenizer

@@ -167,9 +167,11 @@ def _prepare_params(
             raise UserError("ERNIE masking needs an entity list: --entities FILE")
         params["entities"] = str(Path(params["entities"]).resolve())
         params["tokenizer"] = str(tokenizer.path.resolve())
-        if params.get("phrases") is None:
-            vocab = Vocabulary(tokenizer)
-            PhraseTable.build(prefixes, lambda tokens: vocab.word_start[tokens]).save(out / "phrases.json")
+        if params.get("phrases") is None:  # collocations of the words the masker will see
+            from data_prep.words import SEGMENTERS
+
+            vocab, word_starts = Vocabulary(tokenizer), SEGMENTERS[params.get("words") or "sentencepiece"]
+            PhraseTable.build(prefixes, lambda tokens: word_starts(tokens, vocab)).save(out / "phrases.json")
             params["phrases"] = str(out / "phrases.json")
     return params
 
