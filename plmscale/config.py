@@ -39,7 +39,8 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     """The transformer trunk. `kind` picks the attention mask and the head: encoder = bidirectional + MLM
-    head (exported as Megatron-BERT), decoder = causal + LM head (exported as GPT-2)."""
+    head (exported as Megatron-BERT), decoder = causal + LM head (exported as GPT-2). An encoder with
+    `pair_head` also has BERT's pooler and 2-way classifier on [CLS] (objectives mlm_nsp, mlm_sop)."""
 
     kind: Literal["encoder", "decoder"]
     vocab_size: int = Field(gt=4, description="tokenizer vocabulary; padded up for tensor parallelism")
@@ -50,6 +51,10 @@ class ModelConfig(_Strict):
     ffn_hidden_size: int | None = Field(None, gt=0, description="defaults to 4 * hidden_size")
     max_position_embeddings: int = Field(gt=0)
     type_vocab_size: int = Field(2, ge=0, description="segment embeddings (encoder pair objectives)")
+    # Left out of dumps while false, so that configs and checkpoints written before it existed still match.
+    pair_head: bool = Field(
+        False, exclude_if=lambda value: not value, description="pooler + NSP/SOP classifier (encoder)"
+    )
     layernorm_eps: float = Field(1e-5, gt=0)
     hidden_dropout: float = Field(0.1, ge=0, lt=1)
     attention_dropout: float = Field(0.1, ge=0, lt=1)
@@ -61,6 +66,8 @@ class ModelConfig(_Strict):
             raise ValueError(
                 f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}"
             )
+        if self.pair_head and self.kind != "encoder":
+            raise ValueError("model.pair_head needs model.kind: encoder")
         return self
 
     @property
@@ -166,8 +173,6 @@ class RunConfig(_Strict):
         ):
             if size % tp:
                 raise ValueError(f"parallel.tensor_parallel={tp} must divide {what}={size}")
-        if self.data.instances and self.objective.name != "mlm":
-            raise ValueError(f"data.instances trains the mlm objective, not {self.objective.name!r}")
         stage = zero_stage(self.train.deepspeed_config)
         if self.parallel.pipeline_parallel > 1 and stage >= 2:
             raise ValueError(
@@ -325,10 +330,42 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     from plmscale.objectives import get_objective  # the objective validates its own params
 
     try:
-        get_objective(config.objective.name, config.objective.params, config.model)
+        objective = get_objective(config.objective.name, config.objective.params, config.model)
     except (KeyError, ValueError) as err:
         raise ConfigError(f"{file}: objective: {err}") from None
+    if config.data.instances:
+        _check_instances(file, config.data.instances, objective)
+    if config.distill and objective.pair_task:
+        raise ConfigError(
+            f"{file}: distill: the distillation loss covers the token loss only, not objective "
+            f"{objective.name!r}'s pair loss; use objective mlm (the student keeps the teacher's pair head)"
+        )
     return config
+
+
+def _check_instances(file: Path, directory: str, objective) -> None:
+    """An instance set must carry the fields the objective trains on (pair labels: only nsp / sop sets have
+    them, and each means another task), read from its manifest before any process starts. A set not built
+    yet is reported when training opens it, as missing shards are."""
+    from data_prep.manifest import MANIFEST
+    from plmscale.data.instances import InstanceSetError, load_instance_manifest
+    from plmscale.objectives import available, get_objective_class
+
+    if not objective.instance_fields:
+        trained = [name for name in available() if get_objective_class(name).instance_fields]
+        raise ConfigError(
+            f"{file}: data.instances trains the {', '.join(trained)} objectives, not {objective.name!r}"
+        )
+    if not (Path(directory) / MANIFEST).is_file():
+        return
+    try:
+        manifest = load_instance_manifest(directory, verify=False)
+    except InstanceSetError as err:
+        raise ConfigError(f"{file}: data.instances: {err}") from None
+    try:
+        objective.check_instances(manifest)
+    except ValueError as err:
+        raise ConfigError(f"{file}: {err}") from None
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

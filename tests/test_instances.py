@@ -341,3 +341,19 @@ def test_chinese_whole_words_and_ernie_phrases_come_from_jieba(zh_shards, tmp_pa
     }
     assert masked_units & set(phrases)  # phrases were masked as units
     assert manifest["counts"]["masked_tokens"] / manifest["counts"]["tokens"] == pytest.approx(0.4, abs=0.02)
+
+
+def test_instance_batches_carry_segments_and_pair_labels(shards, nsp, tmp_path):
+    instances = InstanceSet(nsp)
+    source = InstanceBatchSource(instances, 64, 8, dp_size=1, dp_rank=0, seed=3, shuffle=False)
+    batch = source.micro_batches(0, 1)[0]
+    assert batch["pair_label"].dtype == torch.int64 and batch["pair_label"].shape == (8,)
+    for row in range(8):
+        item = instances[row]
+        assert batch["pair_label"][row] == int(item["pair_label"][0])
+        length = len(item["tokens"])
+        assert batch["token_type_ids"][row, :length].tolist() == item["segments"].tolist()
+        assert not batch["token_type_ids"][row, length:].any()
+    build_instances(shards, "mlm", tmp_path, params={"max_seq_length": 64}, progress=False)
+    unpaired = InstanceBatchSource(InstanceSet(tmp_path), 64, 8, dp_size=1, dp_rank=0, seed=3)
+    assert "pair_label" not in unpaired.micro_batches(0, 1)[0]

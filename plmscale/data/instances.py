@@ -73,7 +73,9 @@ class InstanceSet:
 
 class InstanceBatchSource(SampleOrder):
     """MLM batches from pre-masked instances, padded to `seq_length`: labels are IGNORE_INDEX except at
-    the masked positions, so the `mlm` objective's loss applies unchanged."""
+    the masked positions, so the `mlm` objective's loss applies unchanged; `token_type_ids` are the
+    segments. Sets with pair labels (nsp, sop) add `pair_label`, one per sequence, which the pair
+    objectives (mlm_nsp, mlm_sop) train on and `mlm` ignores."""
 
     def __init__(
         self,
@@ -114,9 +116,12 @@ class InstanceBatchSource(SampleOrder):
             token_type_ids[:length] = instance["segments"]
         labels = np.full(self.seq_length, IGNORE_INDEX, dtype=np.int64)
         labels[instance["mask_positions"].astype(np.int64)] = instance["mask_labels"]
-        return {
+        sample = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "token_type_ids": token_type_ids,
             "labels": labels,
         }
+        if "pair_label" in instance:
+            sample["pair_label"] = instance["pair_label"][0].astype(np.int64)
+        return sample

@@ -12,6 +12,8 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
+from plmscale.objectives import get_objective_class
+
 METRICS = "metrics.jsonl"
 RUN_OUTPUTS = ("tensorboard", "checkpoints", "model")  # what a training run's output_dir holds
 
@@ -35,10 +37,15 @@ def curve(records: list[dict], kind: str) -> tuple[list[int], list[float]]:
 
 
 def train_label(run: str | Path) -> str:
-    """A distillation run optimizes alpha * soft + (1 - alpha) * hard: not comparable to an MLM loss."""
+    """A distillation run optimizes alpha * soft + (1 - alpha) * hard, a pair objective MLM + pair loss:
+    neither is comparable to an MLM loss (held-out evaluation scores MLM only)."""
     config = metrics_file(run).parent / "config.yaml"
-    distill = config.is_file() and yaml.safe_load(config.read_text()).get("distill")
-    return "train (distillation loss)" if distill else "train"
+    recipe = yaml.safe_load(config.read_text()) if config.is_file() else {}
+    if recipe.get("distill"):
+        return "train (distillation loss)"
+    if "objective" in recipe and get_objective_class(recipe["objective"]["name"]).pair_task:
+        return "train (MLM + pair loss)"
+    return "train"
 
 
 def plot_losses(runs: dict[str, str | Path], path: str | Path) -> Path:

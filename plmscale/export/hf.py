@@ -3,8 +3,9 @@
     plmscale export --model runs/bert_tiny_demo/model --format hf --output exports/bert_tiny_hf
 
 The encoder is exactly Megatron-BERT (pre-LN, no embedding LayerNorm, final LayerNorm, BERT's MLM head
-tied to the word embedding) and loads as `MegatronBertForMaskedLM`; the decoder is exactly GPT-2 with exact
-GELU and loads as `GPT2LMHeadModel`. Only weights are renamed and split; nothing is approximated, so
+tied to the word embedding) and loads as `MegatronBertForMaskedLM`, or with its pair head (pooler and NSP /
+SOP classifier) as `MegatronBertForPreTraining`; the decoder is exactly GPT-2 with exact GELU and loads as
+`GPT2LMHeadModel`. Only weights are renamed and split; nothing is approximated, so
 `export_hf` finishes by loading its output with `transformers` and comparing logits with plmscale's forward.
 
 The tokenizer is written as a fast `tokenizer.json` built from the SentencePiece model. On ordinary text it
@@ -24,6 +25,7 @@ from tokenizers import processors
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForPreTraining,
     AutoTokenizer,
     GPT2Config,
     MegatronBertConfig,
@@ -62,6 +64,12 @@ def megatron_bert_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
         "cls.predictions.transform.LayerNorm.bias": state["head.ln.bias"],
         "cls.predictions.bias": state["head.output.bias"],
     }
+    if cfg.pair_head:
+        out |= {
+            f"{theirs}.{kind}": state[f"pair_head.{ours}.{kind}"]
+            for ours, theirs in (("pooler", "bert.pooler.dense"), ("classifier", "cls.seq_relationship"))
+            for kind in ("weight", "bias")
+        }
     for i in range(cfg.num_layers):
         ours, theirs = f"layers.{i}.", f"bert.encoder.layer.{i}."
         for kind in ("weight", "bias"):
@@ -123,7 +131,7 @@ def hf_config(cfg: ModelConfig):
             layer_norm_eps=cfg.layernorm_eps,
             pad_token_id=PAD_ID,
             tie_word_embeddings=True,
-            architectures=["MegatronBertForMaskedLM"],
+            architectures=["MegatronBertForPreTraining" if cfg.pair_head else "MegatronBertForMaskedLM"],
         )
     return GPT2Config(
         vocab_size=cfg.padded_vocab_size,
@@ -196,7 +204,9 @@ def verify_export(model, tokenizer_path: Path, export_dir: str | Path) -> None:
     if hf_ids != ids:
         raise RuntimeError(f"export {export_dir}: tokenizer.json gives {hf_ids}, SentencePiece gives {ids}")
     cfg = model.cfg
-    auto = AutoModelForMaskedLM if cfg.kind == "encoder" else AutoModelForCausalLM
+    auto = {"decoder": AutoModelForCausalLM, "encoder": AutoModelForMaskedLM}[cfg.kind]
+    if cfg.pair_head:
+        auto = AutoModelForPreTraining
     hf, info = auto.from_pretrained(export_dir, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
     if problems:
@@ -206,12 +216,17 @@ def verify_export(model, tokenizer_path: Path, export_dir: str | Path) -> None:
     input_ids = torch.randint(5, cfg.vocab_size, (2, seq), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, seq // 2 :] = 0  # a padded row checks the padding-mask conversion too
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if cfg.kind == "encoder" and cfg.type_vocab_size >= 2:  # segments A and B check the segment embedding
+        inputs["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(2, seq)
     with torch.inference_mode():
-        ours = model(input_ids, attention_mask).float()
-        theirs = hf.eval()(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    if not torch.allclose(ours, theirs, rtol=RTOL, atol=ATOL):
-        diff = (ours - theirs).abs().max().item()
-        raise RuntimeError(
-            f"export {export_dir}: transformers' {type(hf).__name__} differs from plmscale's forward "
-            f"(max |logit difference| {diff:.3g}); the weight mapping is wrong"
-        )
+        ours = model(**inputs, classify_pair=True) if cfg.pair_head else (model(**inputs),)
+        out = hf.eval()(**inputs)
+    theirs = (out.prediction_logits, out.seq_relationship_logits) if cfg.pair_head else (out.logits,)
+    for what, mine, hf_logits in zip(("token", "pair"), ours, theirs, strict=False):
+        if not torch.allclose(mine.float(), hf_logits.float(), rtol=RTOL, atol=ATOL):
+            diff = (mine.float() - hf_logits.float()).abs().max().item()
+            raise RuntimeError(
+                f"export {export_dir}: transformers' {type(hf).__name__} differs from plmscale's forward "
+                f"(max |{what} logit difference| {diff:.3g}); the weight mapping is wrong"
+            )

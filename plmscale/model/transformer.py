@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plmscale.config import ModelConfig
-from plmscale.model.heads import build_head
+from plmscale.model.heads import PairHead, build_head
 from plmscale.model.layers import LayerSpec, LocalLayers
 
 
@@ -72,7 +72,8 @@ class TransformerLM(nn.Module):
 
     Returns vocabulary-shard logits; the spec's `cross_entropy` / `gather_logits` consume them. With
     `target_mask`, the head runs only where it is True and returns [targets, vocab]: MLM predicts ~15 % of
-    positions, and the vocabulary projection is the costliest matmul of a small model.
+    positions, and the vocabulary projection is the costliest matmul of a small model. With `classify_pair`
+    (a model with `pair_head`), returns (those logits, [batch, 2] pair logits from the first position).
     """
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec | None = None):
@@ -92,6 +93,7 @@ class TransformerLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, spec) for _ in range(cfg.num_layers))
         self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.head = build_head(cfg, spec)
+        self.pair_head = PairHead(cfg) if cfg.pair_head else None
 
     def hidden_states(
         self,
@@ -124,8 +126,13 @@ class TransformerLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        classify_pair: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if classify_pair and self.pair_head is None:
+            raise ValueError("classify_pair needs a model built with model.pair_head: true")
         hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        pair_logits = self.pair_head(hidden[:, 0]) if classify_pair else None
         if target_mask is not None:
             hidden = hidden[target_mask]
-        return self.head(hidden, self.word_embeddings.weight)
+        logits = self.head(hidden, self.word_embeddings.weight)
+        return (logits, pair_logits) if classify_pair else logits

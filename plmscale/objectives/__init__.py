@@ -1,8 +1,8 @@
 """Pre-training objectives, registered by name. Adding one means adding one module here.
 
 An objective is a data transform (`make_example`: a window of tokens -> model inputs and labels), the head
-it needs (by model kind) and a loss that returns (sum, count) so the trainer can normalize by the global
-number of targets across micro-batches and ranks.
+it needs (by model kind) and its loss terms, each a (sum, count) so the trainer can normalize every term by
+its global number of targets across micro-batches and ranks (one term for most; MLM + pair for BERT/ALBERT).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from plmscale.objectives.base import IGNORE_INDEX, Objective
+from plmscale.objectives.base import IGNORE_INDEX, LossTerm, Objective
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -33,11 +33,15 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_objective(name: str, params: dict, model_cfg) -> Objective:
+def get_objective_class(name: str) -> type[Objective]:
     _discover()
     if name not in _REGISTRY:
         raise KeyError(f"unknown objective {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def get_objective(name: str, params: dict, model_cfg) -> Objective:
+    cls = get_objective_class(name)
     if model_cfg.kind not in cls.model_kinds:
         raise ValueError(
             f"objective {name!r} needs model.kind in {sorted(cls.model_kinds)}, not {model_cfg.kind!r}"
@@ -45,4 +49,12 @@ def get_objective(name: str, params: dict, model_cfg) -> Objective:
     return cls(cls.Params.model_validate(params), model_cfg)
 
 
-__all__ = ["IGNORE_INDEX", "Objective", "available", "get_objective", "register"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LossTerm",
+    "Objective",
+    "available",
+    "get_objective",
+    "get_objective_class",
+    "register",
+]

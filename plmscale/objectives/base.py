@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -15,10 +15,23 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LossTerm(NamedTuple):
+    """One loss of an objective, summed over its `count` targets; `correct` counts the argmax hits when
+    asked for, or when they cost nothing (a 2-way classifier)."""
+
+    sum: torch.Tensor
+    count: int
+    correct: int | None = None
+
+
 class Objective:
     name: ClassVar[str]
     model_kinds: ClassVar[set[str]]
     Params: ClassVar[type[BaseModel]] = NoParams
+    # Fields of pre-built instances (`data.instances`) it trains on; empty: token streams only.
+    instance_fields: ClassVar[frozenset[str]] = frozenset()
+    # The sentence-pair task (`nsp`, `sop`) trained beside the token loss, if any.
+    pair_task: ClassVar[str | None] = None
 
     def __init__(self, params: BaseModel, model_cfg):
         self.params, self.model_cfg = params, model_cfg
@@ -31,9 +44,22 @@ class Objective:
         """Model inputs (`input_ids`, optional `attention_mask`, `token_type_ids`) and `labels`."""
         raise NotImplementedError
 
+    def check_instances(self, manifest: dict) -> None:
+        """Raise ValueError, naming the missing fields, if an instance set cannot train this objective."""
+        missing = sorted(self.instance_fields - set(manifest["fields"]))
+        if missing:
+            raise ValueError(
+                f"data.instances={manifest['directory']} holds {manifest['objective']!r} instances without "
+                f"the field(s) {missing} that objective {self.name!r} trains on"
+            )
+
     @staticmethod
     def target_count(batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def target_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Targets of each loss term (see `loss_terms`), counted before the forward pass."""
+        return {self.name: self.target_count(batch)}
 
     @staticmethod
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,3 +77,22 @@ class Objective:
         """(summed token loss, number of targets) from vocabulary-shard logits at the target positions."""
         targets = self.targets(batch)
         return spec.cross_entropy(logits, targets).sum(), targets.numel()
+
+    def token_term(
+        self, logits: torch.Tensor, batch: dict[str, torch.Tensor], spec, count_correct: bool
+    ) -> LossTerm:
+        """`loss` as a LossTerm; with `count_correct`, the targets whose argmax over the full vocabulary
+        is the label (this gathers the vocabulary shards: evaluation only)."""
+        loss_sum, count = self.loss(logits, batch, spec)
+        if not count_correct:
+            return LossTerm(loss_sum, count)
+        hits = spec.gather_logits(logits).argmax(-1) == self.targets(batch)
+        return LossTerm(loss_sum, count, int(hits.sum()))
+
+    def loss_terms(
+        self, outputs, batch: dict[str, torch.Tensor], spec, count_correct: bool = False
+    ) -> dict[str, LossTerm]:
+        """Each loss term from the model's outputs, keyed as in `target_counts`. The trainer divides every
+        term by its own global count and adds them: a mean per term (BERT: mean MLM loss + mean NSP loss),
+        exact however the targets fall across micro-batches and ranks."""
+        return {self.name: self.token_term(outputs, batch, spec, count_correct)}

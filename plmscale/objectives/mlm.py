@@ -47,6 +47,7 @@ class MaskedLM(Objective):
     name = "mlm"
     model_kinds = {"encoder"}
     Params = MLMParams
+    instance_fields = frozenset({"tokens", "mask_positions", "mask_labels"})
 
     def __init__(self, params: MLMParams, model_cfg):
         super().__init__(params, model_cfg)

@@ -2,14 +2,16 @@
 
     deepspeed --num_gpus 2 -m plmscale.cli train --config launch/recipes/bert_tiny_demo.yaml
 
-Every loss is a (sum, count) pair; each step the global count of targets is all-reduced first, so the
-gradient is that of sum / global count however the targets fall across micro-batches and ranks.
+Every loss term is a (sum, count) pair; each step the global count of every term's targets is all-reduced
+first, so the gradient is that of the sum over terms of sum / global count (one term for most objectives,
+MLM + pair for BERT / ALBERT) however the targets fall across micro-batches and ranks.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import deepspeed
@@ -23,7 +25,7 @@ from plmscale.data.instances import load_instance_manifest
 from plmscale.data.loader import SampleOrder
 from plmscale.distill import DistillationLoss, default_student_layers, student_state_from_teacher
 from plmscale.distill.student import check_student_config
-from plmscale.objectives import get_objective
+from plmscale.objectives import LossTerm, get_objective
 from plmscale.parallel.distributed import DeepSpeedMPU, Topology, all_reduce_dp, device, init_distributed
 from plmscale.parallel.state_dict import full_state_dict, load_full_state_dict
 from plmscale.parallel.tensor_parallel import build_parallel_model
@@ -45,6 +47,31 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def term_metrics(sums: dict[str, float], counts: dict[str, float], correct: dict[str, float]) -> dict:
+    """Global per-term totals -> metrics: `loss`, the sum of the terms' means (what is optimized), and the
+    first term's `targets` and `accuracy`, as for one term; with several terms, each term's `loss/NAME` and
+    `targets/NAME` too, and `NAME_accuracy` for another term whose hits were counted."""
+    first, *others = counts
+    means = {name: sums[name] / max(counts[name], 1) for name in counts}
+    metrics = {"loss": sum(means.values()), "targets": counts[first]}
+    if others:
+        metrics |= {f"loss/{name}": mean for name, mean in means.items()}
+        metrics |= {f"targets/{name}": counts[name] for name in others}
+    for name, hits in correct.items():
+        metrics["accuracy" if name == first else f"{name}_accuracy"] = hits / max(counts[name], 1)
+    return metrics
+
+
+def _all_reduce_totals(*totals: dict[str, float]) -> list[dict[str, float]]:
+    """Per-term dicts, each summed over the data-parallel ranks (one all-reduce for all)."""
+    values = all_reduce_dp([value for named in totals for value in named.values()])
+    reduced, start = [], 0
+    for named in totals:
+        reduced.append(dict(zip(named, values[start : start + len(named)], strict=True)))
+        start += len(named)
+    return reduced
+
+
 def _dropout_seed(seed: int, step: int, micro: int) -> int:
     """Dropout randomness is a function of the step, so a resumed run draws the same masks."""
     return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
@@ -61,9 +88,7 @@ class Trainer:
         self.manifest_tokenizer = self._check_tokenizer()
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.model = build_parallel_model(cfg.model)
-        self.loss_fn = self.objective.loss
-        if cfg.distill:
-            self.loss_fn = self._set_up_distillation(dtype)
+        self.distillation = self._set_up_distillation(dtype) if cfg.distill else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model,
             model_parameters=_param_groups(self.model, cfg.optimizer.weight_decay),
@@ -91,6 +116,7 @@ class Trainer:
                 raise ValueError(
                     f"data.instances={self.cfg.data.instances}: built with another tokenizer than the shards"
                 )
+            self.objective.check_instances(instances)  # if it was built after the config was checked
         return manifest["tokenizer"]["path"]
 
     def _batch_source(self, split: str, shuffle: bool) -> SampleOrder:
@@ -118,46 +144,59 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, batch: dict[str, torch.Tensor]):
         return self.engine(**self.objective.model_inputs(batch))
+
+    def _train_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, LossTerm]:
+        outputs = self._forward(batch)
+        if self.distillation:  # one term: config validation keeps pair objectives out of distillation
+            return {self.objective.name: LossTerm(*self.distillation(outputs, batch, self.model.spec))}
+        return self.objective.loss_terms(outputs, batch, self.model.spec)
 
     def train_step(self, step: int) -> dict[str, float]:
         batches = [self._to_device(b) for b in self.train_data.micro_batches(step, self.accumulation)]
-        local_count = sum(self.objective.target_count(b) for b in batches)
-        (global_count,) = all_reduce_dp([local_count])
-        # DeepSpeed averages over micro-batches and data-parallel ranks; undo that so grad = d(sum)/global.
-        scale = self.accumulation * self.topo.dp_size / max(global_count, 1)
-        local_sum = 0.0
+        local_counts = Counter()  # update, not +: a term without targets on this rank keeps its key
+        for batch in batches:
+            local_counts.update(self.objective.target_counts(batch))
+        (counts,) = _all_reduce_totals(local_counts)
+        # DeepSpeed averages over micro-batches and data-parallel ranks; undo that so that the gradient is
+        # the sum over terms of d(term sum) / the term's global count.
+        dp_micro = self.accumulation * self.topo.dp_size
+        scales = {name: dp_micro / max(count, 1) for name, count in counts.items()}
+        sums, correct = dict.fromkeys(counts, 0.0), {}
         for micro, batch in enumerate(batches):
             torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, micro))
-            loss_sum, _ = self.loss_fn(self._forward(batch), batch, self.model.spec)
-            self.engine.backward(loss_sum * scale)
+            terms = self._train_terms(batch)
+            self.engine.backward(sum(term.sum * scales[name] for name, term in terms.items()))
             self.engine.step()
-            local_sum += loss_sum.item()
-        (global_sum,) = all_reduce_dp([local_sum])
+            for name, term in terms.items():
+                sums[name] += term.sum.item()
+                if term.correct is not None:
+                    correct[name] = correct.get(name, 0) + term.correct
         grad_norm = self.engine.get_global_grad_norm()
-        return {
-            "loss": global_sum / max(global_count, 1),
-            "targets": global_count,
+        global_sums, global_correct = _all_reduce_totals(sums, correct)
+        return term_metrics(global_sums, counts, global_correct) | {
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.scheduler.get_last_lr()[0],
         }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss and target accuracy on a fixed slice of the held-out split (fixed masks)."""
+        """The objective's loss terms and target accuracy on a fixed slice of the held-out split (fixed
+        masks; a token stream, so the pair objectives score their MLM term)."""
         self.engine.eval()
-        totals = [0.0, 0.0, 0.0]
+        sums, counts, correct = Counter(), Counter(), Counter()
         for batch in self.valid_data.micro_batches(0, self.cfg.train.eval_batches):
             batch = self._to_device(batch)
-            logits = self._forward(batch)
-            loss_sum, count = self.objective.loss(logits, batch, self.model.spec)
-            predicted = self.model.spec.gather_logits(logits).argmax(-1)
-            correct = (predicted == self.objective.targets(batch)).sum().item()
-            totals = [totals[0] + loss_sum.item(), totals[1] + count, totals[2] + correct]
+            terms = self.objective.loss_terms(
+                self._forward(batch), batch, self.model.spec, count_correct=True
+            )
+            for name, term in terms.items():
+                sums[name] += term.sum.item()
+                counts[name] += term.count
+                correct[name] += term.correct
         self.engine.train()
-        loss_sum, count, correct = all_reduce_dp(totals)
-        return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "targets": count}
+        return term_metrics(*_all_reduce_totals(sums, counts, correct))
 
     def run(self) -> Path | None:
         cfg, topo = self.cfg, self.topo
