@@ -2,18 +2,19 @@
 
 Each split (`train`, `valid`) is written as shards `train_00000.bin/.idx`, ... of at most
 `shard_tokens` tokens (a document is never cut), then `manifest.json` records inputs, tokenizer,
-options, per-shard counts and sha256s, and the rejected documents. Memory is bounded: documents stream
-through a few chunks in flight, and only the current shard's index is held.
+options, per-shard counts and sha256s, and the rejected documents. Memory is bounded: input streams
+through a few work units in flight, and only the current shard's index is held, as arrays.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import struct
 import time
-import warnings
 from contextlib import nullcontext
-from itertools import islice
+from itertools import pairwise
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -21,17 +22,17 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import UserError
-from data_prep.encode import encode_chunk, init_worker, ordered_map, token_dtype
+from data_prep.encode import Encoded, encode_unit, init_worker, ordered_map, token_dtype
 from data_prep.manifest import FORMAT, MANIFEST, write_manifest
-from data_prep.readers import RejectCounter, input_entries, iter_documents
-from plmscale.tokenizer import Tokenizer, file_sha256
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # megatron-core warns that Transformer Engine and Apex are absent
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from data_prep.readers import RejectCounter, input_entries, iter_units
+from plmscale.tokenizer import Tokenizer
 
 SPLITS = ("train", "valid")
 _SHARD_FILE = re.compile(r"(train|valid)_\d{5}\.(bin|idx)")
+# megatron-core's `.idx` layout (version 1) and dtype codes, written here without importing megatron-core:
+# its import pulls in torch, which makes forking the workers slow, and its index writer loops in Python.
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_DTYPE_CODES = {np.uint16: 8, np.int32: 4}
 
 
 class SplitWriter:
@@ -40,32 +41,69 @@ class SplitWriter:
     def __init__(self, directory: Path, split: str, dtype: type[np.integer], shard_tokens: int):
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
         self.shards: list[dict] = []
-        self.builder: IndexedDatasetBuilder | None = None
+        self.bin = None  # the current shard's open .bin, with its sha256 and its index so far
+        self.bin_sha256 = None
+        self.lengths: list[np.ndarray] = []
+        self.document_ends: list[np.ndarray] = []
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """One document: its sentences' tokens concatenated, and each sentence's length."""
-        if self.builder is not None and self.shards[-1]["tokens"] + tokens.size > self.shard_tokens:
-            self.close()
-        if self.builder is None:
-            prefix = f"{self.split}_{len(self.shards):05d}"
-            self.builder = IndexedDatasetBuilder(str(self.directory / f"{prefix}.bin"), dtype=self.dtype)
-            self.shards.append({"prefix": prefix, "documents": 0, "sentences": 0, "tokens": 0, "files": {}})
-        # == add_item per sentence + end_document, in one write (takes any array, not only tensors)
-        self.builder.add_document(tokens, lengths.tolist())
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, sentences: np.ndarray) -> None:
+        """Documents in order: all their tokens, each sentence's length, each document's sentence count."""
+        sentence_ends = np.cumsum(sentences)
+        token_ends = np.cumsum(lengths)[sentence_ends - 1]
+        first = 0
+        while first < sentences.size:
+            before = int(token_ends[first - 1]) if first else 0
+            if self.bin is not None:  # the documents that still fit in this shard
+                room = self.shard_tokens - self.shards[-1]["tokens"]
+                last = int(np.searchsorted(token_ends, before + room, "right"))
+                if last == first:  # not even the next one (room < 0 after a document longer than a shard)
+                    self.close()
+            if self.bin is None:  # a new shard takes at least one document, however long
+                self._open()
+                last = max(int(np.searchsorted(token_ends, before + self.shard_tokens, "right")), first + 1)
+            start = int(sentence_ends[first - 1]) if first else 0
+            self._write(tokens[before : token_ends[last - 1]], lengths[start : sentence_ends[last - 1]],
+                        sentence_ends[first:last] - start)  # fmt: skip
+            first = last
+
+    def _open(self) -> None:
+        prefix = f"{self.split}_{len(self.shards):05d}"
+        self.bin = open(self.directory / f"{prefix}.bin", "wb")  # noqa: SIM115 (closed by `close`)
+        self.bin_sha256 = hashlib.sha256()
+        self.shards.append({"prefix": prefix, "documents": 0, "sentences": 0, "tokens": 0, "files": {}})
+
+    def _write(self, tokens: np.ndarray, lengths: np.ndarray, document_ends: np.ndarray) -> None:
         shard = self.shards[-1]
-        shard["documents"] += 1
+        self.bin.write(tokens)
+        self.bin_sha256.update(tokens)
+        self.lengths.append(lengths)
+        self.document_ends.append(document_ends + shard["sentences"])
+        shard["documents"] += document_ends.size
         shard["sentences"] += lengths.size
         shard["tokens"] += tokens.size
 
     def close(self) -> None:
-        if self.builder is None:
+        """Finish the current shard: close its .bin, write its .idx."""
+        if self.bin is None:
             return
+        self.bin.close()
+        self.bin = None
+        lengths = np.concatenate(self.lengths, dtype=np.int32)
+        offsets = np.cumsum(lengths[:-1], dtype=np.int64) * np.dtype(self.dtype).itemsize
+        pointers = np.concatenate([[0], offsets], dtype=np.int64)  # each sentence's byte offset in the .bin
+        documents = np.concatenate([[0], *self.document_ends], dtype=np.int64)
+        self.lengths, self.document_ends = [], []
+        header = _INDEX_HEADER + struct.pack(
+            "<QBQQ", 1, _DTYPE_CODES[self.dtype], lengths.size, documents.size
+        )
         shard = self.shards[-1]
-        self.builder.finalize(str(self.directory / f"{shard['prefix']}.idx"))
-        self.builder = None
-        for suffix in (".bin", ".idx"):
-            name = shard["prefix"] + suffix
-            shard["files"][name] = file_sha256(self.directory / name)
+        idx_sha256 = hashlib.sha256()
+        with open(self.directory / f"{shard['prefix']}.idx", "wb") as idx:
+            for part in (header, lengths, pointers, documents):
+                idx.write(part)
+                idx_sha256.update(part)
+        shard["files"][f"{shard['prefix']}.bin"] = self.bin_sha256.hexdigest()
+        shard["files"][f"{shard['prefix']}.idx"] = idx_sha256.hexdigest()
 
 
 def build_shards(
@@ -89,26 +127,21 @@ def build_shards(
     writers = {split: SplitWriter(out_dir, split, dtype, shard_tokens) for split in SPLITS}
     counter, sentences, tokens = RejectCounter(), 0, 0
 
-    documents = iter_documents(inputs, counter, text_field)
-    chunks = iter(lambda: list(islice(documents, chunk_documents)), [])
-    worker_args = (str(tokenizer.path), valid_fraction)
-    if workers == 1:
-        init_worker(*worker_args)  # encode in this process
+    units = iter_units(inputs, counter, text_field, chunk_documents)
+    worker_args = (str(tokenizer.path), valid_fraction, text_field)
+    init_worker(*worker_args, tokenizer)  # before forking the workers, which inherit it
     started = time.perf_counter()
     with (
         Pool(workers, init_worker, worker_args) if workers > 1 else nullcontext() as pool,
         tqdm(unit="tok", unit_scale=True, disable=not progress, desc="shards") as bar,
     ):
-        for docs, results in ordered_map(pool, encode_chunk, chunks, max_pending=2 * workers):
-            for doc, (valid, doc_tokens, lengths) in zip(docs, results, strict=True):
-                if doc_tokens.size == 0:
-                    counter.reject("empty_after_tokenization", doc.file, doc.line)
-                    continue
-                writers["valid" if valid else "train"].add(doc_tokens, lengths)
-                counter.written += 1
-                sentences += lengths.size
-                tokens += doc_tokens.size
-            bar.update(sum(r[1].size for r in results))
+        for unit, encoded in ordered_map(pool, encode_unit, units, max_pending=2 * workers):
+            counter.count(unit.file, encoded.documents_in, encoded.rejects)
+            _write_runs(writers, encoded)
+            counter.written += encoded.valid.size
+            sentences += encoded.lengths.size
+            tokens += encoded.tokens.size
+            bar.update(encoded.tokens.size)
     for writer in writers.values():
         writer.close()
     seconds = time.perf_counter() - started
@@ -135,6 +168,23 @@ def build_shards(
     }
     write_manifest(out_dir, manifest)
     return manifest | {"directory": str(out_dir), "seconds": seconds}
+
+
+def _write_runs(writers: dict[str, SplitWriter], encoded: Encoded) -> None:
+    """Each run of consecutive documents bound for the same split, in one call to its writer."""
+    valid = encoded.valid
+    if valid.size == 0:
+        return
+    runs = [0, *(np.flatnonzero(valid[1:] != valid[:-1]) + 1).tolist(), valid.size]
+    sentence_starts = np.concatenate(([0], np.cumsum(encoded.sentences)))
+    token_starts = np.concatenate(([0], np.cumsum(encoded.lengths)))
+    for first, last in pairwise(runs):
+        start, stop = sentence_starts[first], sentence_starts[last]
+        writers["valid" if valid[first] else "train"].add(
+            encoded.tokens[token_starts[start] : token_starts[stop]],
+            encoded.lengths[start:stop],
+            encoded.sentences[first:last],
+        )
 
 
 def _load_tokenizer(path: str | Path) -> Tokenizer:

@@ -8,14 +8,15 @@ from itertools import pairwise
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from data_prep.cli import main
 from data_prep.corpus import write_corpus
-from data_prep.encode import in_valid_split, split_sentences
+from data_prep.encode import in_valid_split, split_many, split_sentences
 from data_prep.manifest import ManifestError, load_manifest, split_prefixes
 from data_prep.readers import RejectCounter, iter_documents
 from data_prep.shards import build_shards
@@ -66,8 +67,11 @@ def test_tokenizer_ids_sidecar_and_reproducibility(corpus, tokenizer):
     assert again["sha256"] == sidecar["sha256"]
 
 
-def test_shards_equal_tokenizer_output(corpus, tokenizer, tmp_path):
-    manifest = load_manifest(_shards(corpus, tokenizer, tmp_path)["directory"])
+@pytest.mark.parametrize("shard_tokens", [20_000, 300])  # 300: some documents longer than a shard
+def test_shards_equal_tokenizer_output(corpus, tokenizer, tmp_path, shard_tokens):
+    manifest = load_manifest(_shards(corpus, tokenizer, tmp_path, shard_tokens=shard_tokens)["directory"])
+    shards = manifest["splits"]["train"] + manifest["splits"]["valid"]
+    assert all(shard["tokens"] <= shard_tokens or shard["documents"] == 1 for shard in shards)
     tok = Tokenizer(tokenizer)
     expected = {"train": [], "valid": []}
     for doc in iter_documents([corpus], RejectCounter()):
@@ -87,13 +91,39 @@ def test_shards_equal_tokenizer_output(corpus, tokenizer, tmp_path):
     assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["sha256"] == file_sha256(tokenizer)
 
 
+def test_shard_files_are_what_megatron_core_writes(corpus, tokenizer, tmp_path):
+    manifest = load_manifest(_shards(corpus, tokenizer, tmp_path / "out")["directory"])
+    rebuilt = str(tmp_path / "rebuilt")
+    for prefix in split_prefixes(manifest, "train") + split_prefixes(manifest, "valid"):
+        dataset = IndexedDataset(prefix)
+        builder = IndexedDatasetBuilder(rebuilt + ".bin", dtype=np.uint16)
+        for a, b in pairwise(dataset.document_indices):
+            sentences = [dataset[i] for i in range(a, b)]
+            builder.add_document(np.concatenate(sentences), [s.size for s in sentences])
+        builder.finalize(rebuilt + ".idx")
+        for suffix in (".bin", ".idx"):
+            assert Path(rebuilt + suffix).read_bytes() == Path(prefix + suffix).read_bytes()
+
+
+def test_split_many_is_split_sentences(corpus):
+    every_char = "".join(f"a.{chr(c)}b\n{chr(c)}\nc " for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    tricky = ["", " \t", "x", "Why?No. Yes!\tOk", "a\n \n\n b.", "é.  ü\n\x0b\n", "😀. x\u3000\n\u2028\nz. "]
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()] + tricky
+    for batch in (texts, tricky, [every_char], []):
+        expected = [split_sentences(text) for text in batch]
+        sentences, counts = split_many(batch)
+        assert sentences == [s for text in expected for s in text]
+        assert counts.tolist() == [len(text) for text in expected]
+
+
 def test_worker_count_does_not_change_shards(corpus, tokenizer, tmp_path):
     one = _shards(corpus, tokenizer, tmp_path / "one", workers=1, chunk_documents=16)
     two = _shards(corpus, tokenizer, tmp_path / "two", workers=2, chunk_documents=16)
     assert one["splits"] == two["splits"]  # same files, same sha256s
 
 
-def test_bad_input_is_counted_not_dropped(tokenizer, tmp_path):
+@pytest.mark.parametrize("workers, chunk_documents", [(1, 256), (2, 2)])  # units across the bad lines
+def test_bad_input_is_counted_not_dropped(tokenizer, tmp_path, workers, chunk_documents):
     good = [json.dumps({"text": f"Document number {i}. It has two sentences."}) for i in range(5)]
     bad = [
         json.dumps({"text": "   "}).encode(),  # line 6: empty
@@ -109,9 +139,8 @@ def test_bad_input_is_counted_not_dropped(tokenizer, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_bytes(b"First block.\nStill first.\n\n\xff\xfe broken block\n\nThird block.\n")
     missing = tmp_path / "missing.jsonl"
-    manifest = build_shards(
-        [jsonl, text, missing], tokenizer, tmp_path / "out", valid_fraction=0.0, progress=False
-    )
+    manifest = build_shards([jsonl, text, missing], tokenizer, tmp_path / "out", valid_fraction=0.0,
+                            workers=workers, chunk_documents=chunk_documents, progress=False)  # fmt: skip
 
     rejected = {reason: entry["count"] for reason, entry in manifest["rejected"].items()}
     assert rejected == {
@@ -121,11 +150,33 @@ def test_bad_input_is_counted_not_dropped(tokenizer, tmp_path):
     examples = {reason: entry["examples"] for reason, entry in manifest["rejected"].items()}
     assert examples["malformed_json"] == [{"file": str(jsonl), "line": 8}]
     assert examples["empty_after_tokenization"] == [{"file": str(jsonl), "line": 11}]
-    assert {"file": str(text), "line": 4} in examples["invalid_utf8"]
+    assert examples["invalid_utf8"] == [
+        {"file": str(jsonl), "line": 7}, {"file": str(jsonl), "line": 12}, {"file": str(text), "line": 4},
+    ]  # fmt: skip
     assert examples["unreadable_file"][0]["file"] == str(missing)
     counts = manifest["counts"]
     assert counts["documents_written"] == 5 + 2  # the good JSONL lines and two text blocks
     assert counts["documents_in"] == counts["documents_written"] + counts["documents_rejected"]
+
+
+def test_jsonl_lines_parse_as_json_loads_does(tmp_path):
+    lines = ['{"text": "plain"}', '\ufeff{"text": "bom"}', '{"text": "extra"} x', ' {"text": "spaced"} \r',
+             '{"text": "a"}{"text": "b"}', '["text"]', '{"text": NaN}', '{"text": "x", "text": "last"}', '"text"',
+             '{"text": "\\u00e9 escaped", "n": [1, {"m": null}]}', '{"text": "cut', '\x0c{"text": "ff"}']  # fmt: skip
+    path = tmp_path / "edge.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    expected, malformed = [], 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            malformed += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            expected.append(record["text"])
+    counter = RejectCounter()
+    assert [doc.text for doc in iter_documents([path], counter)] == expected
+    assert counter.documents_in == len(lines) and counter.reasons["malformed_json"] == malformed == 5
 
 
 def test_manifest_detects_corrupt_and_missing_shards(corpus, tokenizer, tmp_path):
