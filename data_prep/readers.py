@@ -129,7 +129,7 @@ def iter_documents(inputs: Iterable[str | Path], counter: RejectCounter, text_fi
 
 
 def iter_units(inputs: Iterable[str | Path], counter: RejectCounter, text_field: str, records: int):
-    """Cut all inputs into units of about `records` records each, in reading order.
+    """Cut all inputs into units of `records` lines (table rows) each, in reading order.
 
     An input that cannot be opened or parsed counts as one `unreadable_file` record.
     """

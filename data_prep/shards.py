@@ -56,7 +56,7 @@ class SplitWriter:
             if self.bin is not None:  # the documents that still fit in this shard
                 room = self.shard_tokens - self.shards[-1]["tokens"]
                 last = int(np.searchsorted(token_ends, before + room, "right"))
-                if last == first:  # not even the next one (room < 0 after a document longer than a shard)
+                if last <= first:  # not even the next one (room < 0 after a document longer than a shard)
                     self.close()
             if self.bin is None:  # a new shard takes at least one document, however long
                 self._open()
