@@ -103,6 +103,7 @@ def build_instances(
         "seed": seed,
         "dupe_factor": dupe_factor,
         "docs_per_task": docs_per_task,
+        "batch_tokens": BATCH_TOKENS,  # a task's batches share its generator: their size changes the bytes
         "split": split,
         "source": {
             "directory": source_manifest["directory"],
