@@ -60,9 +60,7 @@ class DocumentSource:
         return self.datasets[shard], doc - int(self.offsets[shard])
 
     def sentences(self, doc: int) -> list[np.ndarray]:
-        ds, local = self._locate(doc)
-        start, end = ds.document_indices[local], ds.document_indices[local + 1]
-        return [ds[i].astype(np.int64) for i in range(start, end)]
+        return self.documents(range(doc, doc + 1))[0]
 
     def _per_shard(self, docs: range) -> Iterator[tuple[IndexedDataset, np.ndarray]]:
         """(dataset, sentence bounds of the documents of `docs` in it), shard by shard."""
