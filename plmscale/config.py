@@ -111,6 +111,9 @@ class ObjectiveConfig(_Strict):
 class ParallelConfig(_Strict):
     tensor_parallel: int = Field(1, ge=1)
     pipeline_parallel: int = Field(1, ge=1)
+    pipeline_partition: list[int] | None = Field(
+        None, description="transformer layers per pipeline stage, first to last; default: an even split"
+    )
 
 
 class OptimizerConfig(_Strict):
@@ -137,6 +140,21 @@ class TrainConfig(_Strict):
     eval_batches: int = Field(8, gt=0)
     save_interval: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    activation_checkpointing: int = Field(
+        0,
+        ge=0,
+        description="0: off; k: keep only the input of every k-th transformer layer and recompute its "
+        "activations in the backward pass (1: every layer)",
+    )
+    on_nonfinite: Literal["skip", "stop"] = Field(
+        "stop", description="a non-finite loss or gradient norm skips the update or stops the run"
+    )
+    max_skipped_steps: int = Field(
+        10, ge=0, description="with on_nonfinite: skip, consecutive skipped steps that stop the run"
+    )
+    peak_flops: float = Field(
+        989e12, gt=0, description="peak FLOP/s of one device, for MFU (default: H100/H200 dense bf16)"
+    )
 
 
 class DistillConfig(_Strict):
