@@ -12,6 +12,7 @@ User errors print one line naming the file or key and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -32,6 +33,9 @@ def _run_training(args: argparse.Namespace) -> None:
     if args.command == "train" and cfg.distill is not None:
         raise UserError(f"{args.config}: has a `distill:` section; run it with `plmscale distill`")
     world_size = args.world_size or world_size_from_env()
+    if int(os.environ.get("RANK", "0")) == 0:
+        for warning in cfg.warnings(world_size):
+            print(f"plmscale: warning: {warning}", file=sys.stderr)
     if args.validate_only:
         import json
 

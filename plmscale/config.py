@@ -197,8 +197,12 @@ class RunConfig(_Strict):
                 f"train.deepspeed_config uses ZeRO stage {stage} but parallel.pipeline_parallel="
                 f"{self.parallel.pipeline_parallel}: DeepSpeed's pipeline engine supports ZeRO stage 0-1 only"
             )
-        if self.parallel.pipeline_parallel > 1:
-            raise ValueError("parallel.pipeline_parallel > 1 is not implemented yet; use 1")
+        self._check_pipeline()
+        if self.train.activation_checkpointing > self.model.num_layers:
+            raise ValueError(
+                f"train.activation_checkpointing={self.train.activation_checkpointing} exceeds "
+                f"model.num_layers={self.model.num_layers} (k checkpoints every k-th layer)"
+            )
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
@@ -207,6 +211,36 @@ class RunConfig(_Strict):
         if self.distill and self.distill.student_layers is not None and not self.distill.student_layers:
             raise ValueError("distill.student_layers must not be empty")
         return self
+
+    def _check_pipeline(self) -> None:
+        pp, layers, partition = (
+            self.parallel.pipeline_parallel,
+            self.model.num_layers,
+            self.parallel.pipeline_partition,
+        )
+        if partition is not None:
+            if len(partition) != pp or min(partition) < 1 or sum(partition) != layers:
+                raise ValueError(
+                    f"parallel.pipeline_partition={partition} must give each of the "
+                    f"parallel.pipeline_parallel={pp} stages at least one layer, {layers} (model.num_layers) in all"
+                )
+        elif layers % pp:
+            raise ValueError(
+                f"parallel.pipeline_parallel={pp} must divide model.num_layers={layers} "
+                "(or set parallel.pipeline_partition)"
+            )
+
+    def warnings(self, world_size: int) -> list[str]:
+        """What is legal but likely a mistake, for a given number of processes."""
+        found = []
+        micro_batches, pp = self.check_world(world_size), self.parallel.pipeline_parallel
+        if pp > 1 and micro_batches < pp:
+            found.append(
+                f"{micro_batches} micro-batch(es) per step for {pp} pipeline stages: the pipeline is idle "
+                f"{(pp - 1) / (micro_batches + pp - 1):.0%} of the step; raise train.global_batch_size or "
+                "lower train.micro_batch_size"
+            )
+        return found
 
     def check_world(self, world_size: int) -> int:
         """Checks what depends on the number of processes; returns the gradient-accumulation steps."""

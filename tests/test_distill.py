@@ -28,8 +28,8 @@ def test_student_starts_from_the_chosen_teacher_layers():
     state = student_state_from_teacher(teacher.state_dict(), [1, 3])
     student = TransformerLM(STUDENT)
     student.load_state_dict(state)  # strict: exactly the student's keys
-    assert torch.equal(student.layers[0].attn.qkv.weight, teacher.layers[1].attn.qkv.weight)
-    assert torch.equal(student.layers[1].mlp.fc_out.bias, teacher.layers[3].mlp.fc_out.bias)
+    assert torch.equal(student.layers["0"].attn.qkv.weight, teacher.layers["1"].attn.qkv.weight)
+    assert torch.equal(student.layers["1"].mlp.fc_out.bias, teacher.layers["3"].mlp.fc_out.bias)
     assert torch.equal(student.word_embeddings.weight, teacher.word_embeddings.weight)
     assert torch.equal(student.head.dense.weight, teacher.head.dense.weight)
 
@@ -67,4 +67,4 @@ def test_distillation_loss_mixes_soft_and_hard_terms():
     assert soft.item() > 0.01
     assert mixed.item() == pytest.approx(0.5 * soft.item() + 0.5 * hard.item(), rel=1e-5)
     mixed.backward()
-    assert student.layers[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert student.layers["0"].attn.qkv.weight.grad.abs().sum() > 0

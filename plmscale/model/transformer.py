@@ -7,6 +7,9 @@ each tensor-parallel rank whole heads; the number of local heads is read off the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,6 +70,32 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.ln_mlp(x)))
 
 
+@dataclass(frozen=True)
+class ModelPart:
+    """A contiguous slice of the network: transformer layers [first_layer, stop_layer), with the embeddings
+    before them and/or the final LayerNorm and heads after them. The whole model is the part with all of it;
+    pipeline stages are built as parts (plmscale.parallel.pipeline), under the whole model's parameter names.
+    """
+
+    first_layer: int
+    stop_layer: int
+    embeddings: bool
+    head: bool
+
+    @classmethod
+    def whole(cls, cfg: ModelConfig) -> ModelPart:
+        return cls(0, cfg.num_layers, embeddings=True, head=True)
+
+
+@contextmanager
+def _seeded(base: int, piece: int):
+    """Each piece of the network is initialized from its own seed, (run seed, piece), so a model built in
+    parts holds the same weights as the model built whole."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(base * 1_000_003 + piece)
+        yield
+
+
 class TransformerLM(nn.Module):
     """Embeddings -> blocks -> final LayerNorm -> head tied to the word embedding.
 
@@ -74,44 +103,70 @@ class TransformerLM(nn.Module):
     `target_mask`, the head runs only where it is True and returns [targets, vocab]: MLM predicts ~15 % of
     positions, and the vocabulary projection is the costliest matmul of a small model. With `classify_pair`
     (a model with `pair_head`), returns (those logits, [batch, 2] pair logits from the first position).
+
+    Built as a `part`, it holds only that slice; `embed`, `encode` and `output` run the slices in turn (a
+    part with the head but not the embeddings still holds the word embedding, which the head is tied to).
+    Initialization depends on the run's seed (`torch.initial_seed()`) only, not on which part is built.
     """
 
-    def __init__(self, cfg: ModelConfig, spec: LayerSpec | None = None):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec | None = None, part: ModelPart | None = None):
         super().__init__()
         spec = spec or LocalLayers()
         self.cfg, self.spec = cfg, spec
+        self.part = part = part or ModelPart.whole(cfg)
         self.causal = cfg.kind == "decoder"
-        self.word_embeddings = spec.embedding(cfg.padded_vocab_size, cfg.hidden_size, cfg.init_std)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        nn.init.normal_(self.position_embeddings.weight, std=cfg.init_std)
-        if cfg.kind == "encoder" and cfg.type_vocab_size:
-            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-            nn.init.normal_(self.token_type_embeddings.weight, std=cfg.init_std)
-        else:
-            self.token_type_embeddings = None
-        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
-        self.layers = nn.ModuleList(Block(cfg, spec) for _ in range(cfg.num_layers))
-        self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
-        self.head = build_head(cfg, spec)
-        self.pair_head = PairHead(cfg) if cfg.pair_head else None
+        seed = torch.initial_seed()
+        words, embeddings, head = range(cfg.num_layers, cfg.num_layers + 3)  # pieces after layers 0 .. L-1
+        if part.embeddings or part.head:
+            with _seeded(seed, words):
+                self.word_embeddings = spec.embedding(cfg.padded_vocab_size, cfg.hidden_size, cfg.init_std)
+        if part.embeddings:
+            with _seeded(seed, embeddings):
+                self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+                nn.init.normal_(self.position_embeddings.weight, std=cfg.init_std)
+                if cfg.kind == "encoder" and cfg.type_vocab_size:
+                    self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+                    nn.init.normal_(self.token_type_embeddings.weight, std=cfg.init_std)
+                else:
+                    self.token_type_embeddings = None
+            self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.layers = nn.ModuleDict()
+        for index in range(part.first_layer, part.stop_layer):
+            with _seeded(seed, index):
+                self.layers[str(index)] = Block(cfg, spec)
+        if part.head:
+            with _seeded(seed, head):
+                self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+                self.head = build_head(cfg, spec)
+                self.pair_head = PairHead(cfg) if cfg.pair_head else None
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.token_type_embeddings(token_type_ids)
-        x = self.embedding_dropout(x)
-        mask = self.attention_bias(attention_mask, input_ids.shape[1]) if attention_mask is not None else None
-        for layer in self.layers:
+        return self.embedding_dropout(x)
+
+    def encode(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """This part's transformer layers; `attention_mask` is the [batch, seq] padding mask."""
+        mask = self.attention_bias(attention_mask, x.shape[1]) if attention_mask is not None else None
+        for layer in self.layers.values():
             x = layer(x, mask, self.causal)
-        return self.final_ln(x)
+        return x
+
+    def output(
+        self, x: torch.Tensor, target_mask: torch.Tensor | None = None, classify_pair: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if classify_pair and self.pair_head is None:
+            raise ValueError("classify_pair needs a model built with model.pair_head: true")
+        hidden = self.final_ln(x)
+        pair_logits = self.pair_head(hidden[:, 0]) if classify_pair else None
+        if target_mask is not None:
+            hidden = hidden[target_mask]
+        logits = self.head(hidden, self.word_embeddings.weight)
+        return (logits, pair_logits) if classify_pair else logits
 
     def attention_bias(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
         """Boolean [b, 1, s, s] mask (True = attend) from a [b, s] padding mask, causal for decoders."""
@@ -128,11 +183,5 @@ class TransformerLM(nn.Module):
         target_mask: torch.Tensor | None = None,
         classify_pair: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if classify_pair and self.pair_head is None:
-            raise ValueError("classify_pair needs a model built with model.pair_head: true")
-        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
-        pair_logits = self.pair_head(hidden[:, 0]) if classify_pair else None
-        if target_mask is not None:
-            hidden = hidden[target_mask]
-        logits = self.head(hidden, self.word_embeddings.weight)
-        return (logits, pair_logits) if classify_pair else logits
+        x = self.encode(self.embed(input_ids, token_type_ids), attention_mask)
+        return self.output(x, target_mask, classify_pair)

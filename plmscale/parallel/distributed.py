@@ -1,4 +1,9 @@
-"""Process groups: DeepSpeed's communication backend plus megatron-core's tensor/data-parallel groups."""
+"""Process groups: DeepSpeed's communication backend plus megatron-core's tensor/pipeline/data-parallel groups.
+
+megatron-core orders ranks tensor-parallel fastest, then data-parallel, then pipeline stage, which is the
+order of DeepSpeed's `PipeModelDataParallelTopology(num_pp, num_mp, num_dp)` too, so the two agree on every
+rank's coordinates.
+"""
 
 from __future__ import annotations
 
@@ -20,18 +25,28 @@ class Topology:
     tp_size: int
     dp_rank: int
     dp_size: int
+    pp_rank: int = 0
+    pp_size: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(tensor_parallel: int) -> Topology:
-    """Initializes torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA) and the TP x DP grid."""
+def init_distributed(tensor_parallel: int, pipeline_parallel: int = 1) -> Topology:
+    """Initializes torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA) and the TP x PP x DP grid."""
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -44,7 +59,9 @@ def init_distributed(tensor_parallel: int) -> Topology:
     deepspeed.init_distributed(dist_backend=backend)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_parallel, create_gloo_process_groups=False
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            create_gloo_process_groups=False,
         )
     return Topology(
         rank=dist.get_rank(),
@@ -53,6 +70,8 @@ def init_distributed(tensor_parallel: int) -> Topology:
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
 
 
@@ -60,15 +79,18 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def all_reduce_dp(values: list[float]) -> list[float]:
-    """Sums scalars over the data-parallel group (tensor-parallel replicas already agree)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device())
-    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+def all_reduce_sum(values: list[float], contribute: bool) -> list[float]:
+    """Sums scalars over all ranks, counting only those where `contribute` is true (the ranks that hold
+    one copy of each value: tensor-parallel replicas agree, and only the last pipeline stage has losses)."""
+    tensor = torch.tensor(values if contribute else [0.0] * len(values), dtype=torch.float64, device=device())
+    dist.all_reduce(tensor)
     return tensor.tolist()
 
 
 class DeepSpeedMPU:
-    """The model-parallel unit DeepSpeed asks for (`mpu=`), answered from megatron-core's groups."""
+    """The model-parallel unit DeepSpeed asks for (`mpu=`) without pipeline parallelism, answered from
+    megatron-core's groups. A pipelined model brings its own (the `PipelineModule`'s grid), whose ranks and
+    groups are the same ones laid out in DeepSpeed's terms."""
 
     get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
     get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)

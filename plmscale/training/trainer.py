@@ -4,7 +4,11 @@
 
 Every loss term is a (sum, count) pair; each step the global count of every term's targets is all-reduced
 first, so the gradient is that of the sum over terms of sum / global count (one term for most objectives,
-MLM + pair for BERT / ALBERT) however the targets fall across micro-batches and ranks.
+MLM + pair for BERT / ALBERT) however the targets fall across micro-batches, ranks and pipeline stages.
+
+One loop for every layout: a step's micro-batches run one by one through DeepSpeed's engine, or, with
+pipeline stages, through the pipeline engine's schedule (`train_batch` / `eval_batch`), which calls the same
+loss function on the last stage.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from plmscale.data.loader import SampleOrder
 from plmscale.distill import DistillationLoss, default_student_layers, student_state_from_teacher
 from plmscale.distill.student import check_student_config
 from plmscale.objectives import LossTerm, get_objective
-from plmscale.parallel.distributed import DeepSpeedMPU, Topology, all_reduce_dp, device, init_distributed
+from plmscale.parallel.checkpointing import checkpoint_layers
+from plmscale.parallel.distributed import DeepSpeedMPU, Topology, all_reduce_sum, device, init_distributed
+from plmscale.parallel.pipeline import build_pipeline_model, labels_batch, pipeline_batch
 from plmscale.parallel.state_dict import full_state_dict, load_full_state_dict
 from plmscale.parallel.tensor_parallel import build_parallel_model
 from plmscale.training import checkpoint
@@ -62,19 +68,48 @@ def term_metrics(sums: dict[str, float], counts: dict[str, float], correct: dict
     return metrics
 
 
-def _all_reduce_totals(*totals: dict[str, float]) -> list[dict[str, float]]:
-    """Per-term dicts, each summed over the data-parallel ranks (one all-reduce for all)."""
-    values = all_reduce_dp([value for named in totals for value in named.values()])
-    reduced, start = [], 0
-    for named in totals:
-        reduced.append(dict(zip(named, values[start : start + len(named)], strict=True)))
-        start += len(named)
-    return reduced
-
-
 def _dropout_seed(seed: int, step: int, micro: int) -> int:
     """Dropout randomness is a function of the step, so a resumed run draws the same masks."""
     return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
+
+
+class StepTotals:
+    """The loss function of a step's micro-batches: each term's sum scaled by the trainer's factor (the
+    inverse of its global count), with the unscaled sums, counts and hits kept for the step's metrics.
+    Tensors stay on the device until the step ends: no host synchronization per micro-batch."""
+
+    def __init__(self, terms):
+        self.terms = terms  # (outputs, batch, count_correct) -> {name: LossTerm}
+        self.start({})
+
+    def start(self, scales: dict[str, float], count_correct: bool = False) -> None:
+        self.scales, self.count_correct = scales, count_correct
+        self.sums, self.counts, self.correct = {}, Counter(), Counter()
+
+    def __call__(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        terms = self.terms(outputs, batch, self.count_correct)
+        for name, term in terms.items():
+            detached = term.sum.detach().double()
+            self.sums[name] = self.sums[name] + detached if name in self.sums else detached
+            self.counts[name] += term.count
+            if term.correct is not None:
+                self.correct[name] += term.correct
+        return sum(term.sum * self.scales.get(name, 1.0) for name, term in terms.items())
+
+    def reduced(self, names: list[str], contribute: bool) -> tuple[dict, dict, dict]:
+        """Global (sums, counts, hits) of the terms `names` (known on every rank), from the ranks that
+        `contribute` one copy each; hits only for the terms that counted them."""
+        local = [float(self.sums[n]) if n in self.sums else 0.0 for n in names]
+        local += [self.counts[n] for n in names] + [self.correct[n] for n in names]
+        local += [float(n in self.correct) for n in names]
+        values = all_reduce_sum(local, contribute)
+        k = len(names)
+        sums, counts = (
+            dict(zip(names, values[:k], strict=True)),
+            dict(zip(names, values[k : 2 * k], strict=True)),
+        )
+        hits = {n: values[2 * k + i] for i, n in enumerate(names) if values[3 * k + i]}
+        return sums, counts, hits
 
 
 class Trainer:
@@ -82,20 +117,32 @@ class Trainer:
         self.cfg = cfg
         self.accumulation = cfg.check_world(world_size)
         ds_config = cfg.deepspeed_config(world_size)
-        self.topo: Topology = init_distributed(cfg.parallel.tensor_parallel)
+        self.topo: Topology = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+        self.pipelined = self.topo.pp_size > 1
         torch.manual_seed(cfg.train.seed)
         self.objective = get_objective(cfg.objective.name, cfg.objective.params, cfg.model)
         self.manifest_tokenizer = self._check_tokenizer()
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.model = build_parallel_model(cfg.model)
+        self.totals = StepTotals(self._terms)
+        if self.pipelined:
+            self.model = build_pipeline_model(
+                cfg, self.topo, lambda outputs, labels: self.totals(outputs, labels_batch(labels))
+            )
+        else:
+            self.model = build_parallel_model(cfg.model)
+        self.spec = next(m.spec for m in self.model.modules() if hasattr(m, "spec"))
+        checkpoint_layers(self.model, cfg.train.activation_checkpointing)
         self.distillation = self._set_up_distillation(dtype) if cfg.distill else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model,
             model_parameters=_param_groups(self.model, cfg.optimizer.weight_decay),
             config=ds_config,
-            mpu=DeepSpeedMPU(),
+            # a pipelined model brings its own grid of the same groups (see plmscale.parallel.distributed)
+            mpu=None if self.pipelined else DeepSpeedMPU(),
         )
         self.device = device()
+        # Ranks that hold one copy of each loss value: TP rank 0 of the last stage in each pipeline.
+        self.reports_loss = self.topo.is_last_stage and self.topo.tp_rank == 0
         self.train_data = self._batch_source(cfg.data.train_split, shuffle=True)
         self.valid_data = self._batch_source(cfg.data.valid_split, shuffle=False)
         self.output = Path(cfg.train.output_dir)
@@ -128,54 +175,71 @@ class Trainer:
         stream = PackedStream.from_manifest(data.shards, split, verify=False)
         return BatchSource(stream, self.objective, data.seq_length, *order)
 
-    def _set_up_distillation(self, dtype: torch.dtype) -> DistillationLoss:
-        """Teacher built with the same tensor parallelism, student initialized from its layers."""
+    def _set_up_distillation(self, dtype: torch.dtype) -> DistillationLoss | None:
+        """Teacher built with the same tensor parallelism, student initialized from its layers. With
+        pipeline stages, the whole teacher runs on the last stage's ranks, where the student's logits are."""
         d = self.cfg.distill
         teacher_cfg = model_dir.load_run_config(d.teacher).model
         layers = d.student_layers or default_student_layers(teacher_cfg.num_layers, self.cfg.model.num_layers)
         check_student_config(teacher_cfg, self.cfg.model, layers)
         teacher_state = model_dir.load_state(d.teacher)
+        load_full_state_dict(self.model, student_state_from_teacher(teacher_state, layers))
+        if not self.topo.is_last_stage:
+            return None
         teacher = build_parallel_model(teacher_cfg)
         load_full_state_dict(teacher, teacher_state)
-        load_full_state_dict(self.model, student_state_from_teacher(teacher_state, layers))
         teacher.to(device=device(), dtype=dtype)
         return DistillationLoss(teacher, self.objective, d.temperature, d.alpha)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _forward(self, batch: dict[str, torch.Tensor]):
-        return self.engine(**self.objective.model_inputs(batch))
+    def _terms(self, outputs, batch: dict[str, torch.Tensor], count_correct: bool) -> dict[str, LossTerm]:
+        if self.distillation and self.model.training:  # one term: pair objectives are not distilled
+            return {self.objective.name: LossTerm(*self.distillation(outputs, batch, self.spec))}
+        return self.objective.loss_terms(outputs, batch, self.spec, count_correct)
 
-    def _train_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, LossTerm]:
-        outputs = self._forward(batch)
-        if self.distillation:  # one term: config validation keeps pair objectives out of distillation
-            return {self.objective.name: LossTerm(*self.distillation(outputs, batch, self.model.spec))}
-        return self.objective.loss_terms(outputs, batch, self.model.spec)
+    def _run(self, batches: list[dict[str, torch.Tensor]], step: int, train: bool) -> None:
+        """Forward (and with `train`, backward and the optimizer step) over a step's micro-batches; the
+        losses land in `self.totals`."""
+        if self.pipelined:
+            micro_batches = iter([pipeline_batch(self.objective, b) for b in batches])
+            if train:
+                torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, self.topo.pp_rank))
+                self.engine.train_batch(micro_batches)
+            else:
+                count = self.cfg.train.eval_batches
+                self.engine.eval_batch(
+                    micro_batches, num_micro_batches=count, reduce_output=None, bcast_loss=False
+                )
+            return
+        for micro, batch in enumerate(batches):
+            batch = self._to_device(batch)
+            if train:
+                torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, micro))
+                self.engine.backward(self.totals(self.engine(**self.objective.model_inputs(batch)), batch))
+                self.engine.step()
+            else:
+                self.totals(self.engine(**self.objective.model_inputs(batch)), batch)
 
     def train_step(self, step: int) -> dict[str, float]:
-        batches = [self._to_device(b) for b in self.train_data.micro_batches(step, self.accumulation)]
+        # Every rank reads its data-parallel slice (a middle pipeline stage only counts its targets).
+        batches = self.train_data.micro_batches(step, self.accumulation)
         local_counts = Counter()  # update, not +: a term without targets on this rank keeps its key
         for batch in batches:
             local_counts.update(self.objective.target_counts(batch))
-        (counts,) = _all_reduce_totals(local_counts)
+        names = list(local_counts)
+        counts = dict(
+            zip(names, all_reduce_sum([local_counts[n] for n in names], self.reports_loss), strict=True)
+        )
         # DeepSpeed averages over micro-batches and data-parallel ranks; undo that so that the gradient is
         # the sum over terms of d(term sum) / the term's global count.
         dp_micro = self.accumulation * self.topo.dp_size
-        scales = {name: dp_micro / max(count, 1) for name, count in counts.items()}
-        sums, correct = dict.fromkeys(counts, 0.0), {}
-        for micro, batch in enumerate(batches):
-            torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, micro))
-            terms = self._train_terms(batch)
-            self.engine.backward(sum(term.sum * scales[name] for name, term in terms.items()))
-            self.engine.step()
-            for name, term in terms.items():
-                sums[name] += term.sum.item()
-                if term.correct is not None:
-                    correct[name] = correct.get(name, 0) + term.correct
+        self.totals.start({name: dp_micro / max(count, 1) for name, count in counts.items()})
+        self._run(batches, step, train=True)
+        sums, _, correct = self.totals.reduced(names, self.reports_loss)
         grad_norm = self.engine.get_global_grad_norm()
-        global_sums, global_correct = _all_reduce_totals(sums, correct)
-        return term_metrics(global_sums, counts, global_correct) | {
+        return term_metrics(sums, counts, correct) | {
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.scheduler.get_last_lr()[0],
         }
@@ -185,18 +249,12 @@ class Trainer:
         """The objective's loss terms and target accuracy on a fixed slice of the held-out split (fixed
         masks; a token stream, so the pair objectives score their MLM term)."""
         self.engine.eval()
-        sums, counts, correct = Counter(), Counter(), Counter()
-        for batch in self.valid_data.micro_batches(0, self.cfg.train.eval_batches):
-            batch = self._to_device(batch)
-            terms = self.objective.loss_terms(
-                self._forward(batch), batch, self.model.spec, count_correct=True
-            )
-            for name, term in terms.items():
-                sums[name] += term.sum.item()
-                counts[name] += term.count
-                correct[name] += term.correct
+        batches = self.valid_data.micro_batches(0, self.cfg.train.eval_batches)
+        self.totals.start({}, count_correct=True)
+        self._run(batches, 0, train=False)
         self.engine.train()
-        return term_metrics(*_all_reduce_totals(sums, counts, correct))
+        names = list(self.objective.target_counts(batches[0]))
+        return term_metrics(*self.totals.reduced(names, self.reports_loss))
 
     def run(self) -> Path | None:
         cfg, topo = self.cfg, self.topo
