@@ -168,6 +168,15 @@ class TransformerLM(nn.Module):
         logits = self.head(hidden, self.word_embeddings.weight)
         return (logits, pair_logits) if classify_pair else logits
 
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states (after the last LayerNorm) of a whole model."""
+        return self.final_ln(self.encode(self.embed(input_ids, token_type_ids), attention_mask))
+
     def attention_bias(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
         """Boolean [b, 1, s, s] mask (True = attend) from a [b, s] padding mask, causal for decoders."""
         keep = attention_mask.bool()[:, None, None, :]

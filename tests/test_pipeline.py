@@ -1,0 +1,188 @@
+"""Pipeline parallelism and activation checkpointing: stages built as parts equal the whole model, checkpointed
+layers recompute exactly, and on real gloo process groups PP=2 and TP2 x PP2 x DP2 (8 processes) train like one
+process for GPT, BERT-MLM and BERT-MLM+NSP; a pipelined run resumes exactly and its model directory is whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REPO, launch, read_metrics, tiny_recipe, write_recipe
+from test_pair_objectives import PAIR_MODEL, instance_sets  # noqa: F401 - the module fixture
+from test_resume import _kill_after_checkpoint
+
+from plmscale.config import ConfigError, ModelConfig, load_config
+from plmscale.model import TransformerLM
+from plmscale.model.transformer import ModelPart
+from plmscale.model_dir import load_state
+from plmscale.objectives import IGNORE_INDEX, get_objective
+from plmscale.parallel.checkpointing import checkpoint_layers
+from plmscale.parallel.pipeline import stage_parts
+
+STEPS = 5
+CFG = ModelConfig(kind="encoder", vocab_size=250, pad_vocab_to_multiple_of=64, hidden_size=32, num_layers=4,
+                  num_heads=4, max_position_embeddings=32, pair_head=True)  # fmt: skip
+
+
+def _batch(seq: int = 16) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(5, CFG.vocab_size, (3, seq), generator=gen)
+    labels = torch.where(torch.rand(3, seq, generator=gen) < 0.3, input_ids, IGNORE_INDEX)
+    attention_mask = torch.ones(3, seq, dtype=torch.long)
+    attention_mask[2, 11:] = 0
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def test_stages_built_as_parts_hold_and_compute_what_the_whole_model_does():
+    torch.manual_seed(5)
+    whole = TransformerLM(CFG).eval()
+    parts = stage_parts(CFG, 3, [1, 2, 1])
+    assert parts == [
+        ModelPart(0, 1, True, False),
+        ModelPart(1, 3, False, False),
+        ModelPart(3, 4, False, True),
+    ]
+    torch.manual_seed(5)
+    stages = [TransformerLM(CFG, part=part).eval() for part in parts]
+    merged = {name: p for stage in stages for name, p in stage.named_parameters()}
+    assert merged.keys() == dict(whole.named_parameters()).keys()
+    for name, param in whole.named_parameters():
+        assert torch.equal(merged[name], param), name  # the same init, whichever part is built
+    batch = _batch()
+    x = stages[0].embed(batch["input_ids"])
+    for stage in stages:
+        x = stage.encode(x, batch["attention_mask"])
+    target_mask = batch["labels"] != IGNORE_INDEX
+    assert torch.equal(stages[-1].output(x, target_mask), whole(batch["input_ids"], batch["attention_mask"],
+                                                                target_mask=target_mask))  # fmt: skip
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_activation_checkpointing_recomputes_exactly_with_dropout_on(every):
+    """Losses and gradients bitwise equal to the run without checkpointing: dropout masks are replayed."""
+    objective, batch = get_objective("mlm", {}, CFG), _batch()
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(11)
+        model = TransformerLM(CFG).train()
+        if checkpointed:
+            assert checkpoint_layers(model, every) == len(range(0, CFG.num_layers, every))
+        torch.manual_seed(12)
+        loss_sum, _ = objective.loss(model(**objective.model_inputs(batch)), batch, model.spec)
+        loss_sum.backward()
+        results.append((loss_sum.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert torch.equal(loss, loss_ckpt)
+    for name, grad in grads.items():  # (the pair head gets none: the MLM loss does not reach it)
+        assert grad is None and grads_ckpt[name] is None or torch.equal(grad, grads_ckpt[name]), name
+    assert grads["layers.0.attn.qkv.weight"].abs().max() > 0
+
+
+def _config_error(tmp_path, **sections) -> str:
+    recipe = tiny_recipe(tmp_path / "shards", tmp_path / "out", **sections)
+    with pytest.raises(ConfigError) as err:
+        load_config(write_recipe(tmp_path / "r.yaml", recipe)).deepspeed_config(4)
+    return str(err.value)
+
+
+def test_bad_pipeline_layouts_are_rejected_naming_the_key(tmp_path):
+    zero1 = {"deepspeed_config": str(REPO / "ds_configs" / "zero1.json")}
+    assert "parallel.pipeline_parallel=3 must divide model.num_layers=2" in _config_error(
+        tmp_path, parallel={"pipeline_parallel": 3}, train=zero1
+    )
+    message = _config_error(
+        tmp_path, parallel={"pipeline_parallel": 2, "pipeline_partition": [2, 1]}, train=zero1
+    )
+    assert "parallel.pipeline_partition=[2, 1]" in message
+    assert "train.activation_checkpointing=3 exceeds model.num_layers=2" in _config_error(
+        tmp_path, train={"activation_checkpointing": 3}
+    )
+    recipe = tiny_recipe(tmp_path, tmp_path / "out", parallel={"pipeline_parallel": 2}, train=zero1)
+    config = load_config(write_recipe(tmp_path / "ok.yaml", recipe))
+    assert config.warnings(4)[0].startswith("1 micro-batch(es) per step for 2 pipeline stages")
+    assert config.warnings(2) == []
+
+
+LAYOUTS = {  # processes, parallel section, extra train keys
+    "one": (1, {}, {}),
+    "pp2": (2, {"pipeline_parallel": 2}, {"activation_checkpointing": 1}),
+    "3d": (8, {"pipeline_parallel": 2, "tensor_parallel": 2}, {}),
+}
+MODELS = {
+    "gpt": {"kind": "decoder"},
+    "bert": {},
+    "bert_nsp": {"model": PAIR_MODEL, "objective": {"name": "mlm_nsp"}},
+}
+
+
+def _recipe(shards, instance_sets, output, model: str, layout: str, **train):  # noqa: F811
+    _, parallel, layout_train = LAYOUTS[layout]
+    sections = dict(MODELS[model])
+    if model == "bert_nsp":
+        sections["data"] = {"instances": str(instance_sets["nsp"])}
+    return tiny_recipe(
+        shards, output, kind=sections.pop("kind", "encoder"), parallel=parallel,
+        train={"deepspeed_config": str(REPO / "ds_configs" / "zero1.json"), "micro_batch_size": 4,
+               "global_batch_size": 16, "train_steps": STEPS, "save_interval": 100, "eval_interval": STEPS}
+        | layout_train | train,
+        **sections,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def layout_runs(shards, instance_sets, tmp_path_factory):  # noqa: F811
+    root, runs = tmp_path_factory.mktemp("layouts"), {}
+    for model in MODELS:
+        for layout, (procs, _, _) in LAYOUTS.items():
+            output = root / f"{model}_{layout}"
+            recipe = _recipe(shards, instance_sets, output, model, layout)
+            launch(write_recipe(root / f"{model}_{layout}.yaml", recipe), nprocs=procs, timeout=600)
+            runs[model, layout] = output
+    return runs
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("model", MODELS)
+def test_pipeline_layouts_train_like_one_process(layout_runs, model):
+    """PP=2 (with every layer checkpointed) and TP2 x PP2 x DP2 follow the one-process run: every loss term,
+    the held-out loss and the gradient norm (tied embeddings counted once, clipping on) agree to fp32
+    rounding; the model directory gathered from every stage and TP rank holds the same weights."""
+    reference = read_metrics(layout_runs[model, "one"])
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    keys = [k for k in reference[1] if k.startswith(("loss", "targets", "pair_accuracy")) or k == "grad_norm"]
+    assert reference[STEPS]["loss"] < reference[1]["loss"]
+    weights = load_state(layout_runs[model, "one"] / "model")
+    for layout in ("pp2", "3d"):
+        rows = read_metrics(layout_runs[model, layout])
+        for key in keys:
+            curve = [rows[step][key] for step in range(1, STEPS + 1)]
+            assert curve == pytest.approx([reference[s][key] for s in range(1, STEPS + 1)], rel=1e-5), (
+                layout,
+                key,
+            )
+        held_out = read_metrics(layout_runs[model, layout], "eval")[STEPS]
+        assert held_out["loss"] == pytest.approx(
+            read_metrics(layout_runs[model, "one"], "eval")[STEPS]["loss"], rel=1e-5
+        )
+        gathered = load_state(layout_runs[model, layout] / "model")
+        assert gathered.keys() == weights.keys()
+        assert max((gathered[k] - weights[k]).abs().max().item() for k in weights) < 1e-5, layout
+
+
+@pytest.mark.distributed
+def test_killed_pipelined_run_resumes_with_identical_losses(shards, instance_sets, tmp_path):  # noqa: F811
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train = {"train_steps": 12, "save_interval": 6, "eval_interval": 100}
+    dropout = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
+
+    def recipe(output, name):
+        r = _recipe(shards, instance_sets, output, "gpt", "pp2", **train)
+        r["model"].update(dropout)
+        return write_recipe(tmp_path / f"{name}.yaml", r)
+
+    launch(recipe(straight, "straight"), nprocs=2)
+    _kill_after_checkpoint(recipe(killed, "killed"), killed)
+    launch(recipe(killed, "killed"), nprocs=2)
+    expected, resumed = read_metrics(straight), read_metrics(killed)
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(7, 13):
+        assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6, abs=1e-7), step
