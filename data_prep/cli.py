@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from data_prep import UserError
-from data_prep.readers import check_inputs
+from data_prep.inputs import check_inputs
 
 
 def _fraction(text: str) -> float:
@@ -52,10 +52,15 @@ def _user_errors(command):
     return run
 
 
-def _print_rejected(rejected: dict) -> None:
+def _print_rejected(rejected: dict, skipped: list[dict]) -> None:
     for reason, entry in rejected.items():
-        first = ", ".join(f"{e['file']}:{e['line']}" for e in entry["examples"][:2])
+        first = ", ".join(
+            e["file"] + ("" if e["line"] is None else f":{e['line']}") for e in entry["examples"][:2]
+        )
         print(f"  rejected {reason}: {entry['count']} (first: {first})")
+    for reason in sorted({entry["reason"] for entry in skipped}):
+        paths = [entry["path"] for entry in skipped if entry["reason"] == reason]
+        print(f"  skipped {reason}: {len(paths)} (first: {', '.join(paths[:2])})")
 
 
 @_user_errors
@@ -91,7 +96,7 @@ def run_tokenizer(args: argparse.Namespace) -> None:
         f"tokenizer: {args.model_type} vocab {sidecar['vocab_size']} from {counts['documents_used']} "
         f"documents, {counts['sentences']} sentences in {sidecar['seconds']:.1f}s -> {args.out}/tokenizer.model"
     )
-    _print_rejected(sidecar["rejected"])
+    _print_rejected(sidecar["rejected"], sidecar["skipped"])
 
 
 @_user_errors
@@ -120,7 +125,7 @@ def run_shards(args: argparse.Namespace) -> None:
     )
     for split, shards in splits.items():
         print(f"  {split}: {len(shards)} shards, {sum(s['tokens'] for s in shards)} tokens")
-    _print_rejected(manifest["rejected"])
+    _print_rejected(manifest["rejected"], manifest["skipped"])
     print(f"  -> {manifest['directory']}/manifest.json")
 
 
@@ -186,7 +191,8 @@ def _add_input_args(parser: argparse.ArgumentParser) -> None:
         "--input",
         nargs="+",
         default=["data/corpus.jsonl"],
-        help="files (.jsonl, .txt, .parquet) or directories, incl. `save_to_disk` datasets",
+        help="files (.jsonl and .txt, each also .gz/.zst/.bz2/.xz; .parquet) or directories, incl. "
+        "`save_to_disk` datasets",
     )
     parser.add_argument("--text-field", default="text", help="the text column of JSONL, parquet and datasets")
 

@@ -1,15 +1,17 @@
 """Split inputs (JSONL, text, parquet, saved Hugging Face datasets) into work units and read their documents.
 
-The main process only cuts inputs into units: byte ranges of line files, batches of table rows. Reading,
-parsing and checking a unit's records happens where it is encoded, in a worker. Bad input never stops a
-run and is never dropped silently: every record read counts in `documents_in`, every rejected one is
-counted by reason with the file and line of its first examples, so that `documents_in == written +
-rejected` once the consumer has counted what it wrote.
+The main process only cuts inputs into units: byte ranges of line files, batches of table rows, and, as a
+compressed stream cannot be cut by byte ranges, runs of its lines decompressed in order. Reading, parsing
+and checking a unit's records happens where it is encoded, in a worker. Bad input never stops a run and is
+never dropped silently: every record read counts in `documents_in`, every rejected one is counted by reason
+with the file and line of its first examples, so that `documents_in == written + rejected` once the consumer
+has counted what it wrote. Which files are read at all is decided up front, in `data_prep.inputs`.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -18,10 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep import UserError
-from plmscale.tokenizer import file_sha256
+from data_prep.inputs import STREAM_ERRORS, Inputs, Source, open_stream
 
-FORMATS = {".jsonl": "jsonl", ".txt": "text", ".parquet": "parquet"}
 MAX_EXAMPLES = 5
 UNIT_RECORDS = 1024
 _JSON_SPACE = " \t\n\r"  # what json.loads skips around a value
@@ -37,7 +37,8 @@ class Document:
 
 @dataclass(frozen=True)
 class Unit:
-    """One worker task: bytes `start:stop` of a JSONL or text file, or a batch of a table's text values.
+    """One worker task: bytes `start:stop` of a JSONL or text file, the decompressed lines `data` of a
+    compressed one, or a batch of a table's text values.
 
     `first` is the line number at `start` (1-based), or the row of the batch's first value (0-based).
     """
@@ -48,6 +49,7 @@ class Unit:
     start: int = 0
     stop: int = 0
     values: pa.Array | None = None
+    data: bytes | None = None
 
 
 class RejectCounter:
@@ -79,70 +81,47 @@ class RejectCounter:
     def to_dict(self) -> dict:
         return {r: {"count": self.reasons[r], "examples": self.examples[r]} for r in sorted(self.reasons)}
 
-
-def is_hf_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
-
-
-def resolve_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
-    """(path, format) in reading order: inputs as given, a plain directory expanded to its files sorted."""
-    resolved = []
-    for path in map(Path, inputs):
-        if is_hf_dataset(path):
-            resolved.append((path, "hf"))
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in FORMATS and p.is_file())
-            resolved.extend((p, FORMATS[p.suffix]) for p in files)
-        else:
-            resolved.append((path, FORMATS.get(path.suffix)))
-    return resolved
+    def nothing_written(self, found: Inputs) -> str:
+        """Why a run wrote nothing, in one line: its rejected records and skipped files by reason."""
+        skipped = found.skipped
+        parts = [
+            f"{len(found.sources)} file(s) read, {self.documents_in} records in, {self.rejected} rejected"
+        ]
+        for reason in sorted(self.reasons):
+            first = self.examples[reason][0]
+            where = first["file"] if first["line"] is None else f"{first['file']}:{first['line']}"
+            parts.append(f"{reason}: {self.reasons[reason]} (first: {where})")
+        for reason, count in sorted(Counter(entry["reason"] for entry in skipped).items()):
+            first = next(entry["path"] for entry in skipped if entry["reason"] == reason)
+            parts.append(f"{count} file(s) skipped as {reason} (first: {first})")
+        return "nothing written: " + "; ".join(parts)
 
 
-def check_inputs(inputs: Iterable[str | Path]) -> None:
-    """Fail fast on a mistyped command line; problems found while reading are counted instead."""
-    for path in map(Path, inputs):
-        if not path.exists():
-            raise UserError(f"input not found: {path}")
-        if path.is_file() and path.suffix not in FORMATS:
-            raise UserError(f"unsupported input {path}: expected {', '.join(FORMATS)} or a directory")
-        if path.is_dir() and not resolve_inputs([path]):
-            raise UserError(f"no {', '.join(FORMATS)} files or saved dataset in {path}")
-
-
-def input_entries(inputs: Iterable[str | Path]) -> list[dict]:
-    """What a manifest records about its inputs: each file's path and sha256."""
-    entries = []
-    for path, fmt in resolve_inputs(inputs):
-        entry = {"path": str(path.resolve()), "format": fmt}
-        if path.is_file():
-            entry["sha256"] = file_sha256(path)
-        entries.append(entry)
-    return entries
-
-
-def iter_documents(inputs: Iterable[str | Path], counter: RejectCounter, text_field: str = "text"):
-    """Yield the non-empty, valid documents of all inputs, in a deterministic order."""
-    for unit in iter_units(inputs, counter, text_field, UNIT_RECORDS):
+def iter_documents(sources: Iterable[Source], counter: RejectCounter, text_field: str = "text"):
+    """Yield the non-empty, valid documents of all sources, in a deterministic order."""
+    for unit in iter_units(sources, counter, text_field, UNIT_RECORDS):
         texts, lines, rejects = read_unit(unit, text_field)
         counter.count(unit.file, len(texts) + len(rejects), rejects)
         yield from (Document(text, unit.file, line) for text, line in zip(texts, lines, strict=True))
 
 
-def iter_units(inputs: Iterable[str | Path], counter: RejectCounter, text_field: str, records: int):
-    """Cut all inputs into units of `records` lines (table rows) each, in reading order.
+def iter_units(sources: Iterable[Source], counter: RejectCounter, text_field: str, records: int):
+    """Cut all sources into units of `records` lines (table rows) each, in reading order.
 
-    An input that cannot be opened or parsed counts as one `unreadable_file` record.
+    A source that fails although it was checked (changed or removed since) counts as one `unreadable_file`
+    record.
     """
-    for path, fmt in resolve_inputs(inputs):
+    for source in sources:
+        path, fmt = source.path, source.fmt
         try:
-            if fmt in ("jsonl", "text"):
+            if source.compression:
+                yield from _stream_units(source, records, counter)
+            elif fmt in ("jsonl", "text"):
                 yield from _line_units(path, fmt, records)
             elif fmt == "parquet":
                 yield from _parquet_units(path, text_field, records)
-            elif fmt == "hf":
-                yield from _hf_units(path, text_field, records)
             else:
-                counter.count(str(path), 1, [("unsupported_format", None, None)])
+                yield from _hf_units(path, text_field, records)
         except (OSError, pa.ArrowException) as exc:
             counter.count(str(path), 1, [("unreadable_file", None, f"{type(exc).__name__}: {exc}")])
 
@@ -199,11 +178,36 @@ def _line_units(path: Path, fmt: str, records: int) -> Iterator[Unit]:
             start, first = stop, first + len(lines)
 
 
+def _stream_units(source: Source, records: int, counter: RejectCounter) -> Iterator[Unit]:
+    """Units of `records` lines, cut as `_line_units` cuts, that carry their bytes.
+
+    A corrupt or truncated stream ends the file: the whole records before the damage are read, and the rest
+    counts as one `corrupt_file` record at the line where it starts. A text block not yet ended by a blank
+    line may be cut short, so it belongs to the rest.
+    """
+    file, fmt, first, lines = str(source.path), source.fmt, 1, []
+    with open_stream(source) as handle:
+        try:
+            for line in handle:
+                lines.append(line)
+                if len(lines) >= records and (fmt != "text" or not line.strip()):
+                    yield Unit(file, fmt, first, data=b"".join(lines))
+                    first, lines = first + len(lines), []
+        except STREAM_ERRORS as exc:
+            if fmt == "text":
+                lines = lines[: max((i + 1 for i, line in enumerate(lines) if not line.strip()), default=0)]
+            counter.count(file, 1, [("corrupt_file", first + len(lines), f"{type(exc).__name__}: {exc}")])
+    if lines:
+        yield Unit(file, fmt, first, data=b"".join(lines))
+
+
 def _lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
-    """(line number, line without its newline) of a unit's byte range."""
-    with open(unit.file, "rb") as handle:
-        handle.seek(unit.start)
-        data = handle.read(unit.stop - unit.start)
+    """(line number, line without its newline) of a unit's bytes."""
+    data = unit.data
+    if data is None:
+        with open(unit.file, "rb") as handle:
+            handle.seek(unit.start)
+            data = handle.read(unit.stop - unit.start)
     return enumerate(data.split(b"\n"), unit.first)
 
 

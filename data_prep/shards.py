@@ -2,7 +2,8 @@
 
 Each split (`train`, `valid`) is written as shards `train_00000.bin/.idx`, ... of at most
 `shard_tokens` tokens (a document is never cut), then `manifest.json` records inputs, tokenizer,
-options, per-shard counts and sha256s, and the rejected documents. Memory is bounded: input streams
+options, per-shard counts and sha256s, the rejected documents and the skipped files. A run that would
+write nothing raises a UserError saying why, and writes no manifest. Memory is bounded: input streams
 through a few work units in flight, and only the current shard's index is held, as arrays.
 """
 
@@ -23,8 +24,9 @@ from tqdm import tqdm
 
 from data_prep import UserError
 from data_prep.encode import Encoded, encode_unit, init_worker, ordered_map, token_dtype
+from data_prep.inputs import scan_inputs
 from data_prep.manifest import FORMAT, MANIFEST, write_manifest
-from data_prep.readers import RejectCounter, input_entries, iter_units
+from data_prep.readers import RejectCounter, iter_units
 from plmscale.tokenizer import Tokenizer
 
 SPLITS = ("train", "valid")
@@ -122,12 +124,15 @@ def build_shards(
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "progress"}
     config["inputs"] = [str(p) for p in inputs]
     tokenizer = _load_tokenizer(tokenizer_path)
+    counter, sentences, tokens = RejectCounter(), 0, 0
+    found = scan_inputs(inputs, counter)
+    if not found.sources:  # before a previous run's output is removed
+        raise UserError(counter.nothing_written(found))
     out_dir = _clean_out_dir(Path(out_dir))
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: SplitWriter(out_dir, split, dtype, shard_tokens) for split in SPLITS}
-    counter, sentences, tokens = RejectCounter(), 0, 0
 
-    units = iter_units(inputs, counter, text_field, chunk_documents)
+    units = iter_units(found.sources, counter, text_field, chunk_documents)
     worker_args = (str(tokenizer.path), valid_fraction, text_field)
     init_worker(*worker_args, tokenizer)  # before forking the workers, which inherit it
     started = time.perf_counter()
@@ -145,6 +150,8 @@ def build_shards(
     for writer in writers.values():
         writer.close()
     seconds = time.perf_counter() - started
+    if counter.written == 0:  # no shard was opened, and no manifest says this run finished
+        raise UserError(counter.nothing_written(found))
 
     manifest = {
         "format": FORMAT,
@@ -154,7 +161,8 @@ def build_shards(
             "vocab_size": tokenizer.vocab_size,
         },
         "dtype": np.dtype(dtype).name,
-        "inputs": input_entries(inputs),
+        "inputs": found.entries,
+        "skipped": found.skipped,
         "config": config,
         "splits": {split: writer.shards for split, writer in writers.items()},
         "counts": {

@@ -14,7 +14,8 @@ import sentencepiece as spm
 
 from data_prep import UserError
 from data_prep.encode import split_sentences
-from data_prep.readers import RejectCounter, input_entries, iter_documents
+from data_prep.inputs import scan_inputs
+from data_prep.readers import RejectCounter, iter_documents
 from plmscale.tokenizer import SPECIAL_TOKENS, TRAINER_SPECIAL_ARGS, Tokenizer, file_sha256
 
 MODEL_TYPES = ("unigram", "bpe")
@@ -36,12 +37,15 @@ def train_tokenizer(
     if model_type not in MODEL_TYPES:
         raise UserError(f"model type {model_type!r} is not one of {MODEL_TYPES}")
     config = {k: v for k, v in locals().items() if k not in ("inputs", "out_dir")}
+    counter, sentences = RejectCounter(), [0]
+    found = scan_inputs(inputs, counter)
+    if not found.sources:
+        raise UserError(counter.nothing_written(found))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counter, sentences = RejectCounter(), [0]
 
     def sentence_stream():
-        for doc in iter_documents(inputs, counter, text_field):
+        for doc in iter_documents(found.sources, counter, text_field):
             counter.written += 1
             for sentence in split_sentences(doc.text):
                 sentences[0] += 1
@@ -63,7 +67,9 @@ def train_tokenizer(
             byte_fallback=True,
             minloglevel=2,
         )
-    except RuntimeError as exc:  # e.g. a vocabulary too large for the corpus
+    except RuntimeError as exc:  # no sentences, or a vocabulary too large for the corpus
+        if counter.written == 0:
+            raise UserError(counter.nothing_written(found)) from exc
         raise UserError(f"sentencepiece training failed: {exc}") from exc
     seconds = time.perf_counter() - started
     tokenizer = Tokenizer(out_dir / "tokenizer.model")  # checks the special ids
@@ -74,7 +80,8 @@ def train_tokenizer(
         "vocab_sha256": file_sha256(out_dir / "tokenizer.vocab"),
         "vocab_size": tokenizer.vocab_size,
         "special_tokens": SPECIAL_TOKENS,
-        "inputs": input_entries(inputs),
+        "inputs": found.entries,
+        "skipped": found.skipped,
         "config": config,
         "counts": {
             "documents_in": counter.documents_in,

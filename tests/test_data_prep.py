@@ -17,6 +17,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 from data_prep.cli import main
 from data_prep.corpus import write_corpus
 from data_prep.encode import in_valid_split, split_many, split_sentences
+from data_prep.inputs import scan_inputs
 from data_prep.manifest import ManifestError, load_manifest, split_prefixes
 from data_prep.readers import RejectCounter, iter_documents
 from data_prep.shards import build_shards
@@ -38,6 +39,10 @@ def tokenizer(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer([corpus], out, vocab_size=600)
     return out / "tokenizer.model"
+
+
+def read_documents(inputs, counter: RejectCounter, text_field: str = "text") -> list:
+    return list(iter_documents(scan_inputs(inputs, counter).sources, counter, text_field))
 
 
 def _shards(corpus, tokenizer, out, **options) -> dict:
@@ -74,7 +79,7 @@ def test_shards_equal_tokenizer_output(corpus, tokenizer, tmp_path, shard_tokens
     assert all(shard["tokens"] <= shard_tokens or shard["documents"] == 1 for shard in shards)
     tok = Tokenizer(tokenizer)
     expected = {"train": [], "valid": []}
-    for doc in iter_documents([corpus], RejectCounter()):
+    for doc in read_documents([corpus], RejectCounter()):
         sentences = [ids for ids in tok.encode(split_sentences(doc.text)) if ids]
         expected["valid" if in_valid_split(doc.text, 0.2) else "train"].append(sentences)
     assert len(manifest["splits"]["train"]) > 1 and expected["valid"]
@@ -145,7 +150,7 @@ def test_bad_input_is_counted_not_dropped(tokenizer, tmp_path, workers, chunk_do
     rejected = {reason: entry["count"] for reason, entry in manifest["rejected"].items()}
     assert rejected == {
         "empty": 1, "invalid_utf8": 3, "malformed_json": 1, "missing_field": 1,
-        "non_string_field": 1, "empty_after_tokenization": 1, "unreadable_file": 1,
+        "non_string_field": 1, "empty_after_tokenization": 1, "missing_file": 1,
     }  # fmt: skip
     examples = {reason: entry["examples"] for reason, entry in manifest["rejected"].items()}
     assert examples["malformed_json"] == [{"file": str(jsonl), "line": 8}]
@@ -153,7 +158,7 @@ def test_bad_input_is_counted_not_dropped(tokenizer, tmp_path, workers, chunk_do
     assert examples["invalid_utf8"] == [
         {"file": str(jsonl), "line": 7}, {"file": str(jsonl), "line": 12}, {"file": str(text), "line": 4},
     ]  # fmt: skip
-    assert examples["unreadable_file"][0]["file"] == str(missing)
+    assert examples["missing_file"][0]["file"] == str(missing)
     counts = manifest["counts"]
     assert counts["documents_written"] == 5 + 2  # the good JSONL lines and two text blocks
     assert counts["documents_in"] == counts["documents_written"] + counts["documents_rejected"]
@@ -175,7 +180,7 @@ def test_jsonl_lines_parse_as_json_loads_does(tmp_path):
         if isinstance(record, dict) and isinstance(record.get("text"), str):
             expected.append(record["text"])
     counter = RejectCounter()
-    assert [doc.text for doc in iter_documents([path], counter)] == expected
+    assert [doc.text for doc in read_documents([path], counter)] == expected
     assert counter.documents_in == len(lines) and counter.reasons["malformed_json"] == malformed == 5
 
 
@@ -202,11 +207,11 @@ def test_parquet_hf_and_directory_inputs(tmp_path):
     (tmp_path / "a.txt").write_text("one.\n\ntwo.\n")
     datasets.Dataset.from_dict({"content": ["from hf.", ""]}).save_to_disk(str(tmp_path / "hf"))
     counter = RejectCounter()
-    docs = list(iter_documents([tmp_path / "hf", tmp_path], counter, text_field="content"))
+    docs = read_documents([tmp_path / "hf", tmp_path], counter, text_field="content")  # hf/ read once
     assert [d.text for d in docs] == ["from hf.", "one.", "two."]  # .txt has no fields
     assert counter.reasons == {"empty": 1, "missing_field": 3} and counter.documents_in == 7
     counter = RejectCounter()
-    docs = list(iter_documents([tmp_path], counter))  # a.txt then b.parquet; hf/ holds no such files
+    docs = read_documents([tmp_path], counter)  # a.txt, b.parquet, then the dataset hf/ (no "text" column)
     assert [(d.text, d.line) for d in docs] == [
         ("one.", 1),
         ("two.", 3),
@@ -214,10 +219,14 @@ def test_parquet_hf_and_directory_inputs(tmp_path):
         ("gamma delta.", 2),
     ]
     assert counter.to_dict()["missing_field"] == {
-        "count": 1,
-        "examples": [{"file": str(tmp_path / "b.parquet"), "line": 1}],
+        "count": 3,
+        "examples": [
+            {"file": str(tmp_path / "b.parquet"), "line": 1},
+            {"file": str(tmp_path / "hf"), "line": 0},
+            {"file": str(tmp_path / "hf"), "line": 1},
+        ],
     }
-    assert counter.documents_in == 5
+    assert counter.documents_in == 7
 
 
 def test_cli_runs_and_user_errors_exit_2(corpus, tokenizer, tmp_path, capsys):
