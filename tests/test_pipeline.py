@@ -128,24 +128,23 @@ def _recipe(shards, instance_sets, output, model: str, layout: str, **train):  #
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def layout_runs(shards, instance_sets, tmp_path_factory):  # noqa: F811
-    root, runs = tmp_path_factory.mktemp("layouts"), {}
-    for model in MODELS:
-        for layout, (procs, _, _) in LAYOUTS.items():
-            output = root / f"{model}_{layout}"
-            recipe = _recipe(shards, instance_sets, output, model, layout)
-            launch(write_recipe(root / f"{model}_{layout}.yaml", recipe), nprocs=procs, timeout=600)
-            runs[model, layout] = output
+def _layout_runs(shards, instance_sets, root, model: str) -> dict:  # noqa: F811
+    runs = {}
+    for layout, (procs, _, _) in LAYOUTS.items():
+        output = root / f"{model}_{layout}"
+        recipe = _recipe(shards, instance_sets, output, model, layout)
+        launch(write_recipe(root / f"{model}_{layout}.yaml", recipe), nprocs=procs, timeout=600)
+        runs[model, layout] = output
     return runs
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("model", MODELS)
-def test_pipeline_layouts_train_like_one_process(layout_runs, model):
+def test_pipeline_layouts_train_like_one_process(shards, instance_sets, tmp_path, model):  # noqa: F811
     """PP=2 (with every layer checkpointed) and TP2 x PP2 x DP2 follow the one-process run: every loss term,
     the held-out loss and the gradient norm (tied embeddings counted once, clipping on) agree to fp32
     rounding; the model directory gathered from every stage and TP rank holds the same weights."""
+    layout_runs = _layout_runs(shards, instance_sets, tmp_path, model)
     reference = read_metrics(layout_runs[model, "one"])
     assert sorted(reference) == list(range(1, STEPS + 1))
     keys = [k for k in reference[1] if k.startswith(("loss", "targets", "pair_accuracy")) or k == "grad_norm"]

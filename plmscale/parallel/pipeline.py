@@ -81,9 +81,23 @@ def labels_batch(labels: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
     return {key: tensor for key, tensor in zip(_LABEL_FIELDS, labels, strict=True) if tensor.numel()}
 
 
+def last_stage_loss(loss: Callable[[object, dict], torch.Tensor]) -> Callable[[object, tuple], torch.Tensor]:
+    """The engine's `loss_fn(outputs, labels)` from a loss of (model outputs, batch): the last stage always
+    runs a model's pair head, whose logits only a batch with pair labels scores."""
+
+    def loss_fn(outputs, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        batch = labels_batch(labels)
+        if isinstance(outputs, tuple) and "pair_label" not in batch:
+            outputs = outputs[0]
+        return loss(outputs, batch)
+
+    return loss_fn
+
+
 def build_pipeline_model(
     cfg: RunConfig, topo: Topology, loss_fn: Callable[[object, tuple], torch.Tensor]
 ) -> PipelineModule:
+    """`loss_fn` as made by `last_stage_loss`."""
     """The trunk as a `PipelineModule` over the TP x PP x DP grid; this rank builds only its own stage."""
     stages = cfg.parallel.pipeline_parallel
     spec = MegatronLayers()

@@ -32,7 +32,7 @@ from plmscale.distill.student import check_student_config
 from plmscale.objectives import LossTerm, get_objective
 from plmscale.parallel.checkpointing import checkpoint_layers
 from plmscale.parallel.distributed import DeepSpeedMPU, Topology, all_reduce_sum, device, init_distributed
-from plmscale.parallel.pipeline import build_pipeline_model, labels_batch, pipeline_batch
+from plmscale.parallel.pipeline import build_pipeline_model, last_stage_loss, pipeline_batch
 from plmscale.parallel.state_dict import full_state_dict, load_full_state_dict
 from plmscale.parallel.tensor_parallel import build_parallel_model
 from plmscale.training import checkpoint
@@ -125,9 +125,7 @@ class Trainer:
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.totals = StepTotals(self._terms)
         if self.pipelined:
-            self.model = build_pipeline_model(
-                cfg, self.topo, lambda outputs, labels: self.totals(outputs, labels_batch(labels))
-            )
+            self.model = build_pipeline_model(cfg, self.topo, last_stage_loss(self.totals))
         else:
             self.model = build_parallel_model(cfg.model)
         self.spec = next(m.spec for m in self.model.modules() if hasattr(m, "spec"))
