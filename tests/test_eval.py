@@ -14,11 +14,11 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from test_export_hf import TRAIN_LINES, docstring_lines, make_model_dir, train_tiny_tokenizer
 
 from data_prep import UserError
-from data_prep.manifest import FORMAT, write_manifest
 from plmscale.data import BatchSource, PackedStream
 from plmscale.eval import add_eval_parser
 from plmscale.eval.evaluate import evaluate
 from plmscale.eval.report import report
+from plmscale.manifest import FORMAT, write_manifest
 from plmscale.model_dir import load_local_model, load_run_config
 from plmscale.objectives import get_objective
 from plmscale.tokenizer import Tokenizer, file_sha256

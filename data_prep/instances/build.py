@@ -33,15 +33,17 @@ from tqdm import tqdm
 
 from data_prep import UserError
 from data_prep.instances.base import DocumentSource, InstanceType, Vocabulary, instance_type
-from data_prep.manifest import (
+from plmscale.data.instances import FORMAT
+from plmscale.manifest import (
     MANIFEST,
     ManifestError,
     load_manifest,
+    relative_path,
     split_prefixes,
+    tokenizer_path,
     verify_file,
     write_manifest,
 )
-from plmscale.data.instances import FORMAT
 from plmscale.tokenizer import Tokenizer, file_sha256
 
 with warnings.catch_warnings():
@@ -81,11 +83,12 @@ def build_instances(
     started = time.perf_counter()
     source_manifest = load_manifest(shards_dir, verify=True)
     prefixes = split_prefixes(source_manifest, split)
-    tokenizer = Tokenizer(source_manifest["tokenizer"]["path"])
+    tokenizer = Tokenizer(tokenizer_path(source_manifest))
     if tokenizer.sha256 != source_manifest["tokenizer"]["sha256"]:
         raise UserError(f"tokenizer {tokenizer.path} changed since the shards in {shards_dir} were built")
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    source_dir = source_manifest.pop("directory")
     (out / MANIFEST).unlink(missing_ok=True)  # a directory with a manifest holds a finished run
     params = _prepare_params(objective, dict(params or {}), out, prefixes, tokenizer)
     builder = _instantiate(objective, params, Vocabulary(tokenizer))
@@ -105,11 +108,11 @@ def build_instances(
         "docs_per_task": docs_per_task,
         "batch_tokens": BATCH_TOKENS,  # a task's batches share its generator: their size changes the bytes
         "split": split,
-        "source": {
-            "directory": source_manifest["directory"],
-            "manifest_sha256": file_sha256(Path(source_manifest["directory"]) / MANIFEST),
+        "source": {  # paths relative to this directory, as every path in a manifest
+            "directory": relative_path(source_dir, out),
+            "manifest_sha256": file_sha256(Path(source_dir) / MANIFEST),
         },
-        "tokenizer": source_manifest["tokenizer"],
+        "tokenizer": source_manifest["tokenizer"] | {"path": relative_path(tokenizer.path, out)},
         # ERNIE's entity list and phrase table: what they hold changes the instances
         "unit_files": {
             name: file_sha256(params[name]) for name in ("entities", "phrases") if params.get(name)
