@@ -87,11 +87,11 @@ class InstanceSet:
                     f"{self.prefixes[shard]}.{field}.bin: instance {local} holds token ids outside the "
                     f"vocabulary [0, {self.vocab_size}): the file is corrupt (data.verify_checksums checks it)"
                 )
-        positions = instance.get("mask_positions")
-        if positions is not None and positions.size and positions.max() >= len(instance["tokens"]):
+        positions, length = instance.get("mask_positions"), len(instance.get("tokens", ()))
+        if positions is not None and positions.size and not 0 <= positions.min() <= positions.max() < length:
             raise InstanceSetError(
-                f"{self.prefixes[shard]}.mask_positions.bin: instance {local} masks position "
-                f"{positions.max()} of {len(instance['tokens'])} tokens: the file is corrupt"
+                f"{self.prefixes[shard]}.mask_positions.bin: instance {local} masks positions outside its "
+                f"{length} tokens: the file is corrupt (data.verify_checksums checks it)"
             )
 
 
