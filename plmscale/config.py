@@ -130,7 +130,7 @@ class OptimizerConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.98), strict=False)  # a YAML list; its items stay strict
     eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(description="at least 1: DeepSpeed's schedulers warm up over max(2, this)")
+    warmup_steps: int = Field(ge=0, description="at least 1 to launch: DeepSpeed warms up over max(2, this)")
     decay: Literal["linear", "cosine"] = "linear"
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
 
@@ -140,13 +140,6 @@ class OptimizerConfig(_Strict):
         if not all(0 <= beta < 1 for beta in betas):
             raise ValueError(f"each of Adam's betas must be in [0, 1), got {list(betas)}")
         return betas
-
-    @field_validator("warmup_steps")
-    @classmethod
-    def _warmup_positive(cls, steps: int) -> int:
-        if steps < 1:  # WarmupDecayLR and WarmupCosineLR raise on warmup_num_steps <= 0
-            raise ValueError(f"must be at least 1 (DeepSpeed's warm-up schedulers reject {steps})")
-        return steps
 
 
 class TrainConfig(_Strict):
@@ -213,11 +206,6 @@ class RunConfig(_Strict):
         ):
             if size % tp:
                 raise ValueError(f"parallel.tensor_parallel={tp} must divide {what}={size}")
-        if self.optimizer.warmup_steps > self.train.train_steps:
-            raise ValueError(
-                f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds "
-                f"train.train_steps={self.train.train_steps}"
-            )
         stage = zero_stage(self.train.deepspeed_config)
         if self.parallel.pipeline_parallel > 1 and stage >= 2:
             raise ValueError(
@@ -469,12 +457,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(
             f"{file}: data.instances trains the {', '.join(trained)} objectives, not {objective.name!r}"
         )
+    _check_schedule(file, config)
     if config.distill and objective.pair_task:
         raise ConfigError(
             f"{file}: distill: the distillation loss covers the token loss only, not objective "
             f"{objective.name!r}'s pair loss; use objective mlm (the student keeps the teacher's pair head)"
         )
     return config
+
+
+def _check_schedule(file: Path, config: RunConfig) -> None:
+    """What launching needs of the schedule (not part of RunConfig's validation: model directories saved by
+    runs that warmed up longer than they trained still load)."""
+    warmup, steps = config.optimizer.warmup_steps, config.train.train_steps
+    if warmup < 1:  # WarmupDecayLR and WarmupCosineLR raise on warmup_num_steps <= 0
+        raise ConfigError(
+            f"{file}: optimizer.warmup_steps={warmup}: DeepSpeed's warm-up schedulers need >= 1"
+        )
+    if warmup > steps:
+        raise ConfigError(f"{file}: optimizer.warmup_steps={warmup} exceeds train.train_steps={steps}")
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -69,7 +69,7 @@ BAD = [
     Bad("betas_three", ("optimizer.betas",), set={"optimizer.betas": [0.9, 0.98, 0.99]}),
     Bad("seed_negative", ("train.seed", "greater than or equal to 0"), set={"train.seed": -1}),
     Bad("eps_zero", ("optimizer.eps",), set={"optimizer.eps": 0}),
-    Bad("warmup_zero", ("optimizer.warmup_steps", "DeepSpeed"), set={"optimizer.warmup_steps": 0}),
+    Bad("warmup_zero", ("optimizer.warmup_steps=0", "DeepSpeed"), set={"optimizer.warmup_steps": 0}),
     Bad("warmup_over_steps", ("optimizer.warmup_steps=1000", "train.train_steps=8"),
         set={"optimizer.warmup_steps": 1000}),
     Bad("min_lr_ratio", ("optimizer.min_lr_ratio",), set={"optimizer.min_lr_ratio": 2}),

@@ -31,7 +31,8 @@ def write_shards(directory, tokenizer_path) -> None:
     directory.mkdir()
     tokenizer = Tokenizer(tokenizer_path)
     builder = IndexedDatasetBuilder(str(directory / "valid_00000.bin"), dtype=np.uint16)
-    for ids in tokenizer.encode(docstring_lines()[TRAIN_LINES:]):
+    documents = tokenizer.encode(docstring_lines()[TRAIN_LINES:])
+    for ids in documents:
         builder.add_document(torch.tensor(ids), [len(ids)])
     builder.finalize(str(directory / "valid_00000.idx"))
     files = {name: file_sha256(directory / name) for name in ("valid_00000.bin", "valid_00000.idx")}
@@ -44,7 +45,18 @@ def write_shards(directory, tokenizer_path) -> None:
                 "sha256": tokenizer.sha256,
                 "vocab_size": tokenizer.vocab_size,
             },
-            "splits": {"valid": [{"prefix": "valid_00000", "files": files}]},
+            "dtype": "uint16",
+            "splits": {
+                "valid": [
+                    {
+                        "prefix": "valid_00000",
+                        "documents": len(documents),
+                        "sentences": len(documents),
+                        "tokens": sum(map(len, documents)),
+                        "files": files,
+                    }
+                ]
+            },
         },
     )
 

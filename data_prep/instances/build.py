@@ -108,11 +108,9 @@ def build_instances(
         "docs_per_task": docs_per_task,
         "batch_tokens": BATCH_TOKENS,  # a task's batches share its generator: their size changes the bytes
         "split": split,
-        "source": {  # paths relative to this directory, as every path in a manifest
-            "directory": relative_path(source_dir, out),
-            "manifest_sha256": file_sha256(Path(source_dir) / MANIFEST),
-        },
-        "tokenizer": source_manifest["tokenizer"] | {"path": relative_path(tokenizer.path, out)},
+        # what the source is, not where (the manifest adds where: paths relative to this directory)
+        "source": {"manifest_sha256": file_sha256(Path(source_dir) / MANIFEST)},
+        "tokenizer": {k: v for k, v in source_manifest["tokenizer"].items() if k != "path"},
         # ERNIE's entity list and phrase table: what they hold changes the instances
         "unit_files": {
             name: file_sha256(params[name]) for name in ("entities", "phrases") if params.get(name)
@@ -138,7 +136,9 @@ def build_instances(
     manifest = {
         "format": FORMAT,
         **config,
-        "source": config["source"] | {"manifest": source_manifest},
+        "source": config["source"]
+        | {"directory": relative_path(source_dir, out), "manifest": source_manifest},
+        "tokenizer": config["tokenizer"] | {"path": relative_path(tokenizer.path, out)},
         "fields": {field: np.dtype(dtype).name for field, dtype in builder.fields.items()},
         "counts": _total_counts([records[t.number]["counts"] for t in tasks]),
         "shards": [
