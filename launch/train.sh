@@ -32,5 +32,5 @@ else
 fi
 # The pre-launch checks, once, before the launcher starts a process per rank: a bad recipe or missing data
 # is one line and exit status 2 within seconds, not a traceback from every rank.
-python -m plmscale.cli "$command" --config "$recipe" --validate-only --world-size "$world_size" "${overrides[@]}" >/dev/null
+plmscale "$command" --config "$recipe" --validate-only --world-size "$world_size" "${overrides[@]}" >/dev/null
 exec "${launcher[@]}" --module plmscale.cli "$command" --config "$recipe" "${overrides[@]}"
