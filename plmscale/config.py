@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from plmscale.recipe_yaml import DuplicateKeyError, parse_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Keys of the DeepSpeed JSON that the recipe derives; a ds_configs file that sets one is rejected.
@@ -343,48 +344,6 @@ def zero_stage(path: str) -> int:
     return load_deepspeed_json(path).get("zero_optimization", {}).get("stage", 0)
 
 
-class RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last one
-    silently), and 1e-3 is a float, as in YAML 1.2 (YAML 1.1 wants a dot: 1.0e-3, else it is a string)."""
-
-
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def _reject_duplicate_keys(node: yaml.Node, path: tuple[str, ...] = ()) -> None:
-    if isinstance(node, yaml.MappingNode):
-        first_line: dict[str, int] = {}
-        for key, value in node.value:
-            name = str(key.value)
-            dotted = ".".join((*path, name))
-            if name in first_line:
-                raise ConfigError(
-                    f"{dotted}: given twice, on lines {first_line[name]} and {key.start_mark.line + 1}"
-                )
-            first_line[name] = key.start_mark.line + 1
-            _reject_duplicate_keys(value, (*path, name))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _reject_duplicate_keys(item, (*path, str(index)))
-
-
-def parse_yaml(text: str) -> Any:
-    """YAML through `RecipeLoader`: duplicate keys rejected with their dotted path and lines."""
-    loader = RecipeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _reject_duplicate_keys(node)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`train.train_steps=50`-style overrides; values are parsed as YAML scalars."""
     for item in overrides:
@@ -399,7 +358,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         try:
             node[leaf] = parse_yaml(value)
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, DuplicateKeyError) as err:
             raise ConfigError(f"override {item!r}: invalid YAML value: {_one_line(err)}") from None
     return raw
 
@@ -427,7 +386,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"config file not found: {file}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{file}: invalid YAML: {_one_line(err)}") from None
-    except ConfigError as err:
+    except DuplicateKeyError as err:
         raise ConfigError(f"{file}: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: the top level must be a mapping of sections")
