@@ -5,6 +5,6 @@ plmscale prep tokenizer   # -> data/tokenizer/tokenizer.model
 plmscale prep shards      # -> data/shards/{train,valid}_NNNNN.{bin,idx} + manifest.json
 """
 
+from plmscale.errors import UserError
 
-class UserError(Exception):
-    """A mistake in the command line or its inputs: reported as one line, exit code 2, no traceback."""
+__all__ = ["UserError"]

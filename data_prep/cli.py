@@ -142,7 +142,7 @@ def _params(items: list[str]) -> dict[str, str]:
 @_user_errors
 def run_instances(args: argparse.Namespace) -> None:
     from data_prep.instances.build import build_instances  # slow imports, after the quick checks
-    from data_prep.manifest import ManifestError
+    from plmscale.manifest import ManifestError
 
     params = _params(args.param)
     if args.entities:

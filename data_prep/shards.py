@@ -25,8 +25,8 @@ from tqdm import tqdm
 from data_prep import UserError
 from data_prep.encode import Encoded, encode_unit, init_worker, ordered_map, token_dtype
 from data_prep.inputs import scan_inputs
-from data_prep.manifest import FORMAT, MANIFEST, write_manifest
 from data_prep.readers import RejectCounter, iter_units
+from plmscale.manifest import FORMAT, MANIFEST, relative_path, write_manifest
 from plmscale.tokenizer import Tokenizer
 
 SPLITS = ("train", "valid")
@@ -156,7 +156,7 @@ def build_shards(
     manifest = {
         "format": FORMAT,
         "tokenizer": {
-            "path": str(tokenizer.path.resolve()),
+            "path": relative_path(tokenizer.path, out_dir),
             "sha256": tokenizer.sha256,
             "vocab_size": tokenizer.vocab_size,
         },

@@ -16,6 +16,9 @@ data="$out/data"
 teacher_steps="${DEMO_TEACHER_STEPS:-600}"
 student_steps="${DEMO_STUDENT_STEPS:-150}"
 start=$(date +%s)
+# a shortened run warms up over at most all its steps (the recipes warm up over 50 and 20)
+teacher_warmup=$(( teacher_steps < 50 ? teacher_steps : 50 ))
+student_warmup=$(( student_steps < 20 ? student_steps : 20 ))
 
 plmscale prep corpus --out "$data/corpus.jsonl"
 plmscale prep tokenizer --input "$data/corpus.jsonl" --vocab-size 8000 --out "$data/tokenizer"
@@ -23,10 +26,11 @@ plmscale prep shards --input "$data/corpus.jsonl" --tokenizer "$data/tokenizer/t
   --workers 2 --valid-fraction 0.05 --out "$data/shards"
 
 launch/train.sh launch/recipes/bert_tiny_demo.yaml \
-  data.shards="$data/shards" train.output_dir="$out/teacher" train.train_steps="$teacher_steps"
+  data.shards="$data/shards" train.output_dir="$out/teacher" train.train_steps="$teacher_steps" \
+  optimizer.warmup_steps="$teacher_warmup"
 launch/train.sh launch/recipes/bert_tiny_distill.yaml --distill \
   data.shards="$data/shards" distill.teacher="$out/teacher/model" train.output_dir="$out/student" \
-  train.train_steps="$student_steps"
+  train.train_steps="$student_steps" optimizer.warmup_steps="$student_warmup"
 
 plmscale export --model "$out/student/model" --format hf --output "$out/student_hf"
 plmscale eval --teacher "$out/teacher/model" --student "$out/student/model" --shards "$data/shards" \

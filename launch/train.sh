@@ -25,7 +25,12 @@ fi
 launcher=(deepspeed --no_local_rank --master_port "${MASTER_PORT:-29500}")
 if [[ -n "${HOSTFILE:-}" ]]; then
   launcher+=(--hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}")
+  world_size=$(awk '!/^[[:space:]]*#/ && match($0, /slots=[0-9]+/) {n += substr($0, RSTART + 6, RLENGTH - 6)} END {print n}' "$HOSTFILE")
 else
   launcher+=(--num_gpus "${NUM_PROCS:-2}")
+  world_size="${NUM_PROCS:-2}"
 fi
+# The pre-launch checks, once, before the launcher starts a process per rank: a bad recipe or missing data
+# is one line and exit status 2 within seconds, not a traceback from every rank.
+plmscale "$command" --config "$recipe" --validate-only --world-size "$world_size" "${overrides[@]}" >/dev/null
 exec "${launcher[@]}" --module plmscale.cli "$command" --config "$recipe" "${overrides[@]}"

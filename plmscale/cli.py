@@ -19,20 +19,18 @@ import warnings
 # megatron-core warns on import that the CUDA-only Transformer Engine / Apex are absent; plmscale never uses them.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-from data_prep import UserError  # noqa: E402
-from data_prep.manifest import ManifestError  # noqa: E402
-from plmscale.config import ConfigError, load_config  # noqa: E402
+from plmscale.config import ConfigError  # noqa: E402
+from plmscale.errors import UserError  # noqa: E402
+from plmscale.manifest import ManifestError  # noqa: E402
 
 
 def _run_training(args: argparse.Namespace) -> None:
     from plmscale.parallel.distributed import world_size_from_env
+    from plmscale.preflight import check_launch
 
-    cfg = load_config(args.config, args.overrides)
-    if args.command == "distill" and cfg.distill is None:
-        raise UserError(f"{args.config}: `plmscale distill` needs a `distill:` section")
-    if args.command == "train" and cfg.distill is not None:
-        raise UserError(f"{args.config}: has a `distill:` section; run it with `plmscale distill`")
     world_size = args.world_size or world_size_from_env()
+    # before any process group: an error is one line here, not a traceback on every rank
+    cfg = check_launch(args.config, args.overrides, command=args.command, world_size=world_size)
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in cfg.warnings(world_size):
             print(f"plmscale: warning: {warning}", file=sys.stderr)
@@ -58,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", required=True, help="recipe YAML (launch/recipes/)")
         cmd.add_argument("overrides", nargs="*", help="section.key=value overrides")
-        cmd.add_argument("--validate-only", action="store_true", help="check the config, print DeepSpeed's")
+        cmd.add_argument(
+            "--validate-only", action="store_true", help="run the pre-launch checks, print DeepSpeed's JSON"
+        )
         cmd.add_argument(
             "--world-size", type=int, default=0, help="with --validate-only: processes to assume"
         )

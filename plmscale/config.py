@@ -3,6 +3,10 @@
 A recipe (`launch/recipes/*.yaml`) names a DeepSpeed JSON under `ds_configs/` for the ZeRO settings only;
 everything the recipe owns (batch sizes, optimizer, schedule, clipping, precision) is merged into it by
 `deepspeed_config`, so each value has one source of truth.
+
+Validation is strict: a key given twice, a misspelled key, a bool or a string where a number goes, a number
+outside its range are each one line naming the file and the key. What needs the filesystem beyond the
+recipe and its DeepSpeed JSON (data, output directory, teacher) is checked by plmscale/preflight.py.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from plmscale.recipe_yaml import DuplicateKeyError, parse_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Keys of the DeepSpeed JSON that the recipe derives; a ds_configs file that sets one is rejected.
@@ -34,7 +40,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `train_steps: true` is not 1 and `lr: "1"` not 1.0; no inf or nan anywhere
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -89,7 +96,9 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    shards: str = Field(description="directory written by `plmscale prep shards` (has manifest.json)")
+    shards: str = Field(
+        min_length=1, description="directory written by `plmscale prep shards` (has manifest.json)"
+    )
     instances: str | None = Field(
         None,
         description="pre-masked training instances (`plmscale prep instances`) instead of masking on the "
@@ -120,21 +129,28 @@ class OptimizerConfig(_Strict):
     lr: float = Field(gt=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: tuple[float, float] = Field((0.9, 0.98), strict=False)  # a YAML list; its items stay strict
     eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(ge=0)
+    warmup_steps: int = Field(ge=0, description="at least 1 to launch: DeepSpeed warms up over max(2, this)")
     decay: Literal["linear", "cosine"] = "linear"
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"each of Adam's betas must be in [0, 1), got {list(betas)}")
+        return betas
+
 
 class TrainConfig(_Strict):
-    deepspeed_config: str = Field(description="path under ds_configs/ (ZeRO settings only)")
+    deepspeed_config: str = Field(min_length=1, description="path under ds_configs/ (ZeRO settings only)")
     micro_batch_size: int = Field(gt=0, description="sequences per process per micro-step")
     global_batch_size: int = Field(gt=0, description="sequences per optimizer step, all ranks")
     train_steps: int = Field(gt=0)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=2**63 - 1, description="numpy and torch seeds take 0 .. 2**63 - 1")
     precision: Literal["fp32", "bf16"] = "fp32"
-    output_dir: str
+    output_dir: str = Field(min_length=1)
     log_interval: int = Field(10, gt=0)
     eval_interval: int = Field(100, gt=0)
     eval_batches: int = Field(8, gt=0)
@@ -319,21 +335,41 @@ def resolve_path(path: str) -> Path:
     return REPO_ROOT / candidate
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ConfigError(f"key(s) {twice} given twice (JSON keeps the last silently)")
+    return dict(pairs)
+
+
 def load_deepspeed_json(path: str) -> dict[str, Any]:
+    """The ZeRO settings file, checked for what needs no DeepSpeed import; plmscale/preflight.py checks
+    every key against DeepSpeed's own config models."""
     file = resolve_path(path)
+    if file.is_dir():
+        raise ConfigError(f"train.deepspeed_config={path}: is a directory, not a DeepSpeed JSON file")
     try:
-        ds = json.loads(file.read_text())
+        ds = json.loads(file.read_text(), object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
         raise ConfigError(f"train.deepspeed_config: file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{file}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        where = f" at line {err.lineno}: {err.msg}" if isinstance(err, json.JSONDecodeError) else ""
+        raise ConfigError(f"{file}: invalid JSON{where}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{file}: {err}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{file}: the top level must be a JSON object of DeepSpeed settings")
     owned = sorted(RECIPE_OWNED_DS_KEYS & ds.keys())
     if owned:
         raise ConfigError(
             f"{file}: key(s) {owned} are set by the recipe; remove them from the DeepSpeed JSON"
         )
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f'{file}: zero_optimization must be an object such as {{"stage": 2}}')
+    stage = zero.get("stage", 0)
+    if type(stage) is not int or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{file}: zero_optimization.stage must be 0-3, got {stage!r}")
     return ds
 
@@ -346,7 +382,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """`train.train_steps=50`-style overrides; values are parsed as YAML scalars."""
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         node = raw
         *parents, leaf = key.split(".")
@@ -354,39 +390,67 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = parse_yaml(value)
+        except (yaml.YAMLError, DuplicateKeyError) as err:
+            raise ConfigError(f"override {item!r}: invalid YAML value: {_one_line(err)}") from None
     return raw
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _problems(err: ValidationError, section: tuple[str, ...] = ()) -> str:
+    """pydantic's errors as `section.key: message; ...`."""
+    problems = []
+    for error in err.errors():
+        key = ".".join(str(p) for p in (*section, *error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(message if message.startswith(key) else f"{key}: {message}")  # validators name keys
+    return "; ".join(problems)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Loads and validates a recipe; every error names the file and the key."""
     file = Path(path)
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except FileNotFoundError:
+        raw = parse_yaml(file.read_text())
+    except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"config file not found: {file}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{file}: invalid YAML: {err}") from None
+        raise ConfigError(f"{file}: invalid YAML: {_one_line(err)}") from None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{file}: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, overrides or [])
     try:
+        raw = apply_overrides(raw, overrides or [])
+        for name, section in raw.items():
+            if not isinstance(section, dict):
+                raise ConfigError(f"{name}: must be a section (a mapping of keys), got {section!r}")
+        deepspeed_json = raw.get("train", {}).get("deepspeed_config")
+        if isinstance(deepspeed_json, str) and deepspeed_json:
+            load_deepspeed_json(deepspeed_json)  # its errors name it, not the validator below
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"{file}: {problems}") from None
+        raise ConfigError(f"{file}: {_problems(err)}") from None
     except ConfigError as err:
         raise ConfigError(f"{file}: {err}") from None
-    from plmscale.objectives import get_objective  # the objective validates its own params
+    from plmscale.objectives import available, get_objective, get_objective_class
 
-    try:
+    try:  # the objective validates its own params
         objective = get_objective(config.objective.name, config.objective.params, config.model)
+    except ValidationError as err:
+        raise ConfigError(f"{file}: {_problems(err, ('objective', 'params'))}") from None
     except (KeyError, ValueError) as err:
-        raise ConfigError(f"{file}: objective: {err}") from None
-    if config.data.instances:
-        _check_instances(file, config.data.instances, objective)
+        raise ConfigError(f"{file}: objective: {err.args[0]}") from None
+    if config.data.instances and not objective.instance_fields:
+        trained = [name for name in available() if get_objective_class(name).instance_fields]
+        raise ConfigError(
+            f"{file}: data.instances trains the {', '.join(trained)} objectives, not {objective.name!r}"
+        )
+    _check_schedule(file, config)
     if config.distill and objective.pair_task:
         raise ConfigError(
             f"{file}: distill: the distillation loss covers the token loss only, not objective "
@@ -395,29 +459,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return config
 
 
-def _check_instances(file: Path, directory: str, objective) -> None:
-    """An instance set must carry the fields the objective trains on (pair labels: only nsp / sop sets have
-    them, and each means another task), read from its manifest before any process starts. A set not built
-    yet is reported when training opens it, as missing shards are."""
-    from data_prep.manifest import MANIFEST
-    from plmscale.data.instances import InstanceSetError, load_instance_manifest
-    from plmscale.objectives import available, get_objective_class
-
-    if not objective.instance_fields:
-        trained = [name for name in available() if get_objective_class(name).instance_fields]
+def _check_schedule(file: Path, config: RunConfig) -> None:
+    """What launching needs of the schedule (not part of RunConfig's validation: model directories saved by
+    runs that warmed up longer than they trained still load)."""
+    warmup, steps = config.optimizer.warmup_steps, config.train.train_steps
+    if warmup < 1:  # WarmupDecayLR and WarmupCosineLR raise on warmup_num_steps <= 0
         raise ConfigError(
-            f"{file}: data.instances trains the {', '.join(trained)} objectives, not {objective.name!r}"
+            f"{file}: optimizer.warmup_steps={warmup}: DeepSpeed's warm-up schedulers need >= 1"
         )
-    if not (Path(directory) / MANIFEST).is_file():
-        return
-    try:
-        manifest = load_instance_manifest(directory, verify=False)
-    except InstanceSetError as err:
-        raise ConfigError(f"{file}: data.instances: {err}") from None
-    try:
-        objective.check_instances(manifest)
-    except ValueError as err:
-        raise ConfigError(f"{file}: {err}") from None
+    if warmup > steps:
+        raise ConfigError(f"{file}: optimizer.warmup_steps={warmup} exceeds train.train_steps={steps}")
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -18,10 +18,10 @@ from data_prep.cli import main
 from data_prep.corpus import write_corpus
 from data_prep.encode import in_valid_split, split_many, split_sentences
 from data_prep.inputs import scan_inputs
-from data_prep.manifest import ManifestError, load_manifest, split_prefixes
 from data_prep.readers import RejectCounter, iter_documents
 from data_prep.shards import build_shards
 from data_prep.tokenizer import train_tokenizer
+from plmscale.manifest import ManifestError, load_manifest, split_prefixes
 from plmscale.tokenizer import Tokenizer, file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,13 +192,14 @@ def test_manifest_detects_corrupt_and_missing_shards(corpus, tokenizer, tmp_path
     shard.write_bytes(original[:10] + bytes([original[10] ^ 1]) + original[11:])
     with pytest.raises(ManifestError, match="train_00001.bin"):
         load_manifest(tmp_path)
-    load_manifest(tmp_path, verify=False)
+    manifest = load_manifest(tmp_path, verify=False)
     shard.write_bytes(original)
     (tmp_path / "valid_00000.idx").unlink()
-    with pytest.raises(ManifestError, match="valid_00000.idx"):
-        load_manifest(tmp_path)
+    for verify in (True, False):  # without checksums too: every file is stat'ed
+        with pytest.raises(ManifestError, match="valid_00000.idx"):
+            load_manifest(tmp_path, verify)
     with pytest.raises(ManifestError, match="no split 'test'"):
-        split_prefixes(load_manifest(tmp_path, verify=False), "test")
+        split_prefixes(manifest, "test")
 
 
 def test_parquet_hf_and_directory_inputs(tmp_path):

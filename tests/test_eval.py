@@ -14,11 +14,11 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from test_export_hf import TRAIN_LINES, docstring_lines, make_model_dir, train_tiny_tokenizer
 
 from data_prep import UserError
-from data_prep.manifest import FORMAT, write_manifest
 from plmscale.data import BatchSource, PackedStream
 from plmscale.eval import add_eval_parser
 from plmscale.eval.evaluate import evaluate
 from plmscale.eval.report import report
+from plmscale.manifest import FORMAT, write_manifest
 from plmscale.model_dir import load_local_model, load_run_config
 from plmscale.objectives import get_objective
 from plmscale.tokenizer import Tokenizer, file_sha256
@@ -31,7 +31,8 @@ def write_shards(directory, tokenizer_path) -> None:
     directory.mkdir()
     tokenizer = Tokenizer(tokenizer_path)
     builder = IndexedDatasetBuilder(str(directory / "valid_00000.bin"), dtype=np.uint16)
-    for ids in tokenizer.encode(docstring_lines()[TRAIN_LINES:]):
+    documents = tokenizer.encode(docstring_lines()[TRAIN_LINES:])
+    for ids in documents:
         builder.add_document(torch.tensor(ids), [len(ids)])
     builder.finalize(str(directory / "valid_00000.idx"))
     files = {name: file_sha256(directory / name) for name in ("valid_00000.bin", "valid_00000.idx")}
@@ -44,7 +45,18 @@ def write_shards(directory, tokenizer_path) -> None:
                 "sha256": tokenizer.sha256,
                 "vocab_size": tokenizer.vocab_size,
             },
-            "splits": {"valid": [{"prefix": "valid_00000", "files": files}]},
+            "dtype": "uint16",
+            "splits": {
+                "valid": [
+                    {
+                        "prefix": "valid_00000",
+                        "documents": len(documents),
+                        "sentences": len(documents),
+                        "tokens": sum(map(len, documents)),
+                        "files": files,
+                    }
+                ]
+            },
         },
     )
 

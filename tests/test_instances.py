@@ -25,13 +25,13 @@ from data_prep.cli import main as prep_main
 from data_prep.instances.base import DocumentSource, Vocabulary, instance_type
 from data_prep.instances.build import build_instances
 from data_prep.instances.stats import instance_statistics
-from data_prep.manifest import ManifestError, load_manifest, split_prefixes
 from data_prep.phrases import PhraseTable
 from data_prep.words import chinese_word_starts
 from plmscale.config import ConfigError, ModelConfig, load_config
 from plmscale.data import InstanceBatchSource, InstanceSet
 from plmscale.data.instances import InstanceSetError
 from plmscale.data.masking import word_units
+from plmscale.manifest import ManifestError, load_manifest, split_prefixes
 from plmscale.model.transformer import TransformerLM
 from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.tokenizer import CLS_ID, MASK_ID, SEP_ID, Tokenizer

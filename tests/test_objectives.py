@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
+from conftest import TEST_VOCAB
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from data_prep.manifest import load_manifest, split_prefixes
 from plmscale.config import ModelConfig
 from plmscale.data import BatchSource, PackedStream
+from plmscale.manifest import load_manifest, split_prefixes
 from plmscale.objectives import IGNORE_INDEX, available, get_objective
 from plmscale.tokenizer import CLS_ID, MASK_ID, SEP_ID
 
@@ -66,7 +67,7 @@ def test_causal_lm_shifts_by_one():
 
 def test_packed_stream_is_the_documents_separated_by_sep(shards):
     prefixes = split_prefixes(load_manifest(shards), "train")
-    stream = PackedStream(prefixes)
+    stream = PackedStream(prefixes, TEST_VOCAB)
     expected = []
     for prefix in prefixes:
         ds = IndexedDataset(prefix)

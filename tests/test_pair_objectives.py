@@ -20,6 +20,7 @@ from plmscale.eval.evaluate import evaluate
 from plmscale.export.hf import export_hf
 from plmscale.model import TransformerLM
 from plmscale.objectives import IGNORE_INDEX, available, get_objective
+from plmscale.preflight import check_launch
 from plmscale.training.trainer import term_metrics
 
 ENCODER = ModelConfig(kind="encoder", vocab_size=300, hidden_size=32, num_layers=2, num_heads=4,
@@ -124,11 +125,11 @@ def instance_sets(shards, tmp_path_factory) -> dict[str, Path]:
     return {kind: root / kind for kind in ("nsp", "sop", "mlm", "denoising")}
 
 
-def test_config_checks_the_instances_carry_the_pair_labels(shards, instance_sets, tmp_path):
+def test_preflight_checks_the_instances_carry_the_pair_labels(shards, instance_sets, tmp_path):
     def load(objective: str, instances: Path, model=PAIR_MODEL, **sections):
         recipe = tiny_recipe(shards, tmp_path / "run", model=model, objective={"name": objective},
                              data={"instances": str(instances)}, **sections)  # fmt: skip
-        return load_config(write_recipe(tmp_path / "recipe.yaml", recipe))
+        return check_launch(write_recipe(tmp_path / "recipe.yaml", recipe), world_size=2)
 
     config = load("mlm_nsp", instance_sets["nsp"])
     assert config.model.pair_head and load("mlm_sop", instance_sets["sop"]).objective.name == "mlm_sop"
@@ -138,7 +139,8 @@ def test_config_checks_the_instances_carry_the_pair_labels(shards, instance_sets
         ConfigError, match="'sop' instances, with a pair_label of another task; .* on 'nsp' ones"
     ):
         load("mlm_nsp", instance_sets["sop"])
-    assert load("mlm_sop", tmp_path / "not_built_yet").data.instances  # training reports it, as for shards
+    with pytest.raises(ConfigError, match="data.instances=.*not_built_yet: no such directory"):
+        load("mlm_sop", tmp_path / "not_built_yet")
     with pytest.raises(ConfigError, match="set model.pair_head: true"):
         load("mlm_nsp", instance_sets["nsp"], model={})
     with pytest.raises(ConfigError, match="distill: .* use objective mlm"):

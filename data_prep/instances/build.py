@@ -33,15 +33,17 @@ from tqdm import tqdm
 
 from data_prep import UserError
 from data_prep.instances.base import DocumentSource, InstanceType, Vocabulary, instance_type
-from data_prep.manifest import (
+from plmscale.data.instances import FORMAT
+from plmscale.manifest import (
     MANIFEST,
     ManifestError,
     load_manifest,
+    relative_path,
     split_prefixes,
+    tokenizer_path,
     verify_file,
     write_manifest,
 )
-from plmscale.data.instances import FORMAT
 from plmscale.tokenizer import Tokenizer, file_sha256
 
 with warnings.catch_warnings():
@@ -81,11 +83,12 @@ def build_instances(
     started = time.perf_counter()
     source_manifest = load_manifest(shards_dir, verify=True)
     prefixes = split_prefixes(source_manifest, split)
-    tokenizer = Tokenizer(source_manifest["tokenizer"]["path"])
+    tokenizer = Tokenizer(tokenizer_path(source_manifest))
     if tokenizer.sha256 != source_manifest["tokenizer"]["sha256"]:
         raise UserError(f"tokenizer {tokenizer.path} changed since the shards in {shards_dir} were built")
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    source_dir = source_manifest.pop("directory")
     (out / MANIFEST).unlink(missing_ok=True)  # a directory with a manifest holds a finished run
     params = _prepare_params(objective, dict(params or {}), out, prefixes, tokenizer)
     builder = _instantiate(objective, params, Vocabulary(tokenizer))
@@ -105,11 +108,9 @@ def build_instances(
         "docs_per_task": docs_per_task,
         "batch_tokens": BATCH_TOKENS,  # a task's batches share its generator: their size changes the bytes
         "split": split,
-        "source": {
-            "directory": source_manifest["directory"],
-            "manifest_sha256": file_sha256(Path(source_manifest["directory"]) / MANIFEST),
-        },
-        "tokenizer": source_manifest["tokenizer"],
+        # what the source is, not where (the manifest adds where: paths relative to this directory)
+        "source": {"manifest_sha256": file_sha256(Path(source_dir) / MANIFEST)},
+        "tokenizer": {k: v for k, v in source_manifest["tokenizer"].items() if k != "path"},
         # ERNIE's entity list and phrase table: what they hold changes the instances
         "unit_files": {
             name: file_sha256(params[name]) for name in ("entities", "phrases") if params.get(name)
@@ -135,7 +136,9 @@ def build_instances(
     manifest = {
         "format": FORMAT,
         **config,
-        "source": config["source"] | {"manifest": source_manifest},
+        "source": config["source"]
+        | {"directory": relative_path(source_dir, out), "manifest": source_manifest},
+        "tokenizer": config["tokenizer"] | {"path": relative_path(tokenizer.path, out)},
         "fields": {field: np.dtype(dtype).name for field, dtype in builder.fields.items()},
         "counts": _total_counts([records[t.number]["counts"] for t in tasks]),
         "shards": [

@@ -18,6 +18,7 @@ import numpy as np
 
 from data_prep.instances.base import Vocabulary, field_values, instance_type
 from plmscale.data.instances import load_instance_manifest, open_shard
+from plmscale.manifest import tokenizer_path
 from plmscale.tokenizer import Tokenizer
 
 with warnings.catch_warnings():
@@ -27,7 +28,7 @@ with warnings.catch_warnings():
 
 def instance_statistics(directory: str | Path, max_instances: int = 200_000) -> dict[str, float]:
     manifest = load_instance_manifest(directory, verify=True)
-    vocab = Vocabulary(Tokenizer(manifest["tokenizer"]["path"]))
+    vocab = Vocabulary(Tokenizer(tokenizer_path(manifest)))
     stats = {"instances": manifest["counts"]["instances"]}
     with tempfile.TemporaryDirectory(prefix="plmscale_stats_") as tmp:
         datasets = _joined_sample(manifest, Path(tmp), max_instances)

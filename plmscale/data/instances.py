@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.manifest import read_manifest, verify_file
 from plmscale.data.loader import SampleOrder
+from plmscale.manifest import read_manifest, verify_file
 from plmscale.objectives import IGNORE_INDEX
 from plmscale.tokenizer import PAD_ID
 
@@ -23,7 +23,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # megatron-core warns that Transformer Engine and Apex are absent
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-FORMAT = "plmscale-instances/1"
+FORMAT = "plmscale-instances/2"
+# Fields holding token ids, bounds-checked against the vocabulary on every read.
+TOKEN_FIELDS = ("tokens", "mask_labels", "source", "target")
 
 
 class InstanceSetError(ValueError):
@@ -58,6 +60,8 @@ class InstanceSet:
         root = Path(self.manifest["directory"])
         self.shards = [open_shard(root, shard["prefix"], self.fields) for shard in shards]
         self.offsets = np.concatenate([[0], np.cumsum([s["instances"] for s in shards])]).astype(np.int64)
+        self.prefixes = [root / shard["prefix"] for shard in shards]
+        self.vocab_size = self.manifest["tokenizer"]["vocab_size"]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -68,7 +72,27 @@ class InstanceSet:
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         local = index - int(self.offsets[shard])
         # copies: a view would outlive the memory map it points into if the set were dropped first
-        return {field: np.array(ds[local]) for field, ds in self.shards[shard].items()}
+        instance = {field: np.array(ds[local]) for field, ds in self.shards[shard].items()}
+        self._check_bounds(instance, shard, local)
+        return instance
+
+    def _check_bounds(self, instance: dict[str, np.ndarray], shard: int, local: int) -> None:
+        """Token ids inside the vocabulary, mask positions inside the instance: with checksums off, corrupt
+        bytes stop the run naming the file instead of training (an id past the vocabulary is dropped by a
+        vocabulary-parallel embedding) or failing far from their cause."""
+        for field in TOKEN_FIELDS:
+            values = instance.get(field)
+            if values is not None and values.size and not 0 <= values.min() <= values.max() < self.vocab_size:
+                raise InstanceSetError(
+                    f"{self.prefixes[shard]}.{field}.bin: instance {local} holds token ids outside the "
+                    f"vocabulary [0, {self.vocab_size}): the file is corrupt (data.verify_checksums checks it)"
+                )
+        positions, length = instance.get("mask_positions"), len(instance.get("tokens", ()))
+        if positions is not None and positions.size and not 0 <= positions.min() <= positions.max() < length:
+            raise InstanceSetError(
+                f"{self.prefixes[shard]}.mask_positions.bin: instance {local} masks positions outside its "
+                f"{length} tokens: the file is corrupt (data.verify_checksums checks it)"
+            )
 
 
 class InstanceBatchSource(SampleOrder):

@@ -2,24 +2,26 @@
 
 Documents (their sentences concatenated) are laid end to end with [SEP] after each, across every shard of
 a split; window i is stream[i * length : (i + 1) * length]. Only the per-document offsets live in memory;
-tokens are read from the memory-mapped `.bin` files on demand.
+tokens are read from the memory-mapped `.bin` files on demand, and every document read is bounds-checked
+against the vocabulary, so corrupt bytes stop the run naming the file even with checksums off.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from data_prep.manifest import load_manifest, split_prefixes
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from plmscale.manifest import ManifestError, load_manifest, split_prefixes
 from plmscale.tokenizer import SEP_ID
 
 
 class PackedStream:
-    def __init__(self, prefixes: list[str], separator: int = SEP_ID):
+    def __init__(self, prefixes: list[str], vocab_size: int, separator: int = SEP_ID):
         if not prefixes:
             raise ValueError("no shards to read")
+        self.prefixes = prefixes
         self.datasets = [IndexedDataset(prefix) for prefix in prefixes]
-        self.separator = separator
+        self.vocab_size, self.separator = vocab_size, separator
         starts, lengths, owners = [], [], []
         for number, ds in enumerate(self.datasets):
             doc_items = ds.document_indices
@@ -39,7 +41,7 @@ class PackedStream:
     @classmethod
     def from_manifest(cls, directory: str, split: str, verify: bool = True) -> PackedStream:
         manifest = load_manifest(directory, verify=verify)
-        return cls(split_prefixes(manifest, split))
+        return cls(split_prefixes(manifest, split), manifest["tokenizer"]["vocab_size"])
 
     @property
     def total_tokens(self) -> int:
@@ -64,6 +66,12 @@ class PackedStream:
         return np.concatenate(pieces).astype(np.int64)
 
     def _document(self, doc: int) -> np.ndarray:
-        ds = self.datasets[self.doc_dataset[doc]]
+        shard = self.doc_dataset[doc]
         # A document's sentences are contiguous in the .bin file: one read covers them all.
-        return ds.get(int(self.doc_first_item[doc]), 0, int(self.doc_length[doc]))
+        tokens = self.datasets[shard].get(int(self.doc_first_item[doc]), 0, int(self.doc_length[doc]))
+        if tokens.size and not 0 <= tokens.min() <= tokens.max() < self.vocab_size:
+            raise ManifestError(
+                f"{self.prefixes[shard]}.bin: document {doc} holds token ids outside the vocabulary "
+                f"[0, {self.vocab_size}): the file is corrupt (data.verify_checksums checks it)"
+            )
+        return tokens

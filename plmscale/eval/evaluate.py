@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from data_prep import UserError
-from data_prep.manifest import load_manifest
 from plmscale.data import BatchSource, PackedStream
+from plmscale.errors import UserError
+from plmscale.manifest import load_manifest
 from plmscale.model_dir import TOKENIZER, load_local_model, load_run_config
 from plmscale.objectives import get_objective
 from plmscale.tokenizer import file_sha256

@@ -25,16 +25,17 @@ import torch.distributed as dist
 from plmscale import model_dir
 from plmscale.config import RunConfig, save_config
 from plmscale.data import BatchSource, InstanceBatchSource, InstanceSet, PackedStream
-from plmscale.data.instances import load_instance_manifest
 from plmscale.data.loader import SampleOrder
 from plmscale.distill import DistillationLoss, default_student_layers, student_state_from_teacher
 from plmscale.distill.student import check_student_config
+from plmscale.manifest import tokenizer_path
 from plmscale.objectives import LossTerm, get_objective
 from plmscale.parallel.checkpointing import checkpoint_layers
 from plmscale.parallel.distributed import DeepSpeedMPU, Topology, all_reduce_sum, device, init_distributed
 from plmscale.parallel.pipeline import build_pipeline_model, last_stage_loss, pipeline_batch
 from plmscale.parallel.state_dict import full_state_dict, load_full_state_dict
 from plmscale.parallel.tensor_parallel import build_parallel_model
+from plmscale.preflight import check_data
 from plmscale.training import checkpoint
 from plmscale.training.metrics import MetricsLogger
 
@@ -147,28 +148,15 @@ class Trainer:
         self.checkpoints = self.output / "checkpoints"
 
     def _check_tokenizer(self) -> str:
-        from data_prep.manifest import load_manifest
-
-        manifest = load_manifest(self.cfg.data.shards, verify=self.cfg.data.verify_checksums)
-        vocab = manifest["tokenizer"]["vocab_size"]
-        if vocab != self.cfg.model.vocab_size:
-            raise ValueError(
-                f"model.vocab_size={self.cfg.model.vocab_size} but the shards' tokenizer has {vocab}"
-            )
-        if self.cfg.data.instances:
-            instances = load_instance_manifest(self.cfg.data.instances, verify=False)
-            if instances["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
-                raise ValueError(
-                    f"data.instances={self.cfg.data.instances}: built with another tokenizer than the shards"
-                )
-            self.objective.check_instances(instances)  # if it was built after the config was checked
-        return manifest["tokenizer"]["path"]
+        """The shards' tokenizer; the data was checked before launch (`plmscale.preflight`), the cheap part
+        is checked again here for whoever builds a Trainer without it."""
+        return str(tokenizer_path(check_data(self.cfg, verify=False)))
 
     def _batch_source(self, split: str, shuffle: bool) -> SampleOrder:
         t, data = self.cfg.train, self.cfg.data
         order = (t.micro_batch_size, self.topo.dp_size, self.topo.dp_rank, t.seed, shuffle)
         if data.instances and split == data.train_split:
-            instances = InstanceSet(data.instances, verify=data.verify_checksums)
+            instances = InstanceSet(data.instances, verify=False)  # verified before launch
             return InstanceBatchSource(instances, data.seq_length, *order)
         stream = PackedStream.from_manifest(data.shards, split, verify=False)
         return BatchSource(stream, self.objective, data.seq_length, *order)
