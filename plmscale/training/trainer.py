@@ -88,6 +88,8 @@ class Trainer:
         self.manifest_tokenizer = self._check_tokenizer()
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.model = build_parallel_model(cfg.model)
+        if cfg.train.init_from:  # imported or trained weights; a checkpoint, if any, wins on resume
+            load_full_state_dict(self.model, model_dir.load_state(cfg.train.init_from))
         self.distillation = self._set_up_distillation(dtype) if cfg.distill else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model,
