@@ -1,9 +1,10 @@
-"""The `plmscale` command: prep, train, distill, export, eval.
+"""The `plmscale` command: prep, train, distill, export, import, eval.
 
     plmscale prep corpus|tokenizer|shards ...         offline data preparation (data_prep/)
     launch/train.sh RECIPE [key=value ...]             pre-train under the deepspeed launcher
     launch/train.sh RECIPE --distill                   distill a teacher into a smaller student
     plmscale export --model DIR --format hf --output DIR
+    plmscale import --format hf --input HF_DIR --output DIR [--tokenizer MODEL]
     plmscale eval --teacher DIR --student DIR --shards DIR ...
 
 User errors print one line naming the file or key and exit with status 2.
@@ -47,7 +48,7 @@ def _run_training(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_prep_parser
     from plmscale.eval import add_eval_parser
-    from plmscale.export import add_export_parser
+    from plmscale.export import add_export_parser, add_import_parser
 
     parser = argparse.ArgumentParser(prog="plmscale", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         cmd.set_defaults(func=_run_training)
     add_export_parser(sub)
+    add_import_parser(sub)
     add_eval_parser(sub)
     return parser
 

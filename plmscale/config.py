@@ -47,7 +47,9 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """The transformer trunk. `kind` picks the attention mask and the head: encoder = bidirectional + MLM
     head (exported as Megatron-BERT), decoder = causal + LM head (exported as GPT-2). An encoder with
-    `pair_head` also has BERT's pooler and 2-way classifier on [CLS] (objectives mlm_nsp, mlm_sop)."""
+    `pair_head` also has BERT's pooler and 2-way classifier on [CLS] (objectives mlm_nsp, mlm_sop).
+    `layernorm_position: post` with `embedding_layernorm` is the original BERT's block (exported as BERT),
+    so public BERT checkpoints import exactly; the defaults are the pre-LN trunk."""
 
     kind: Literal["encoder", "decoder"]
     vocab_size: int = Field(gt=4, description="tokenizer vocabulary; padded up for tensor parallelism")
@@ -61,6 +63,21 @@ class ModelConfig(_Strict):
     # Left out of dumps while false, so that configs and checkpoints written before it existed still match.
     pair_head: bool = Field(
         False, exclude_if=lambda value: not value, description="pooler + NSP/SOP classifier (encoder)"
+    )
+    # The variants below are left out of dumps at their defaults, as pair_head is.
+    layernorm_position: Literal["pre", "post"] = Field(
+        "pre",
+        exclude_if=lambda value: value == "pre",
+        description="pre: LayerNorm before attention / MLP and a final LayerNorm (GPT-2, Megatron-BERT); "
+        "post: after each residual add, no final LayerNorm (BERT)",
+    )
+    embedding_layernorm: bool = Field(
+        False, exclude_if=lambda value: not value, description="LayerNorm on the summed embeddings (BERT)"
+    )
+    activation: Literal["gelu", "gelu_tanh"] = Field(
+        "gelu",
+        exclude_if=lambda value: value == "gelu",
+        description="MLP (and MLM head) activation: exact GELU, or its tanh approximation (GPT-2's gelu_new)",
     )
     layernorm_eps: float = Field(1e-5, gt=0)
     hidden_dropout: float = Field(0.1, ge=0, lt=1)
@@ -170,6 +187,12 @@ class TrainConfig(_Strict):
     )
     peak_flops: float = Field(
         989e12, gt=0, description="peak FLOP/s of one device, for MFU (default: H100/H200 dense bf16)"
+    )
+    init_from: str | None = Field(
+        None,
+        exclude_if=lambda value: value is None,
+        description="model directory whose weights start the run (`plmscale import`, a finished run); "
+        "its model section must match this one (dropout and init_std aside)",
     )
 
 
@@ -451,6 +474,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"{file}: data.instances trains the {', '.join(trained)} objectives, not {objective.name!r}"
         )
     _check_schedule(file, config)
+    if config.train.init_from:
+        _check_init_from(file, config)
     if config.distill and objective.pair_task:
         raise ConfigError(
             f"{file}: distill: the distillation loss covers the token loss only, not objective "
@@ -471,5 +496,28 @@ def _check_schedule(file: Path, config: RunConfig) -> None:
         raise ConfigError(f"{file}: optimizer.warmup_steps={warmup} exceeds train.train_steps={steps}")
 
 
+def _check_init_from(file: Path, config: RunConfig) -> None:
+    """The starting weights must be those of the network the recipe builds; only training-time settings
+    (dropout, the init scale) may differ."""
+    directory = Path(config.train.init_from)
+    if config.distill:
+        raise ConfigError(
+            f"{file}: train.init_from and distill: the student starts from its teacher's layers"
+        )
+    if not (directory / "config.yaml").is_file() or not (directory / "model.safetensors").is_file():
+        raise ConfigError(
+            f"{file}: train.init_from: {directory} is not a model directory (config.yaml, model.safetensors)"
+        )
+    theirs = ModelConfig.model_validate(yaml.safe_load((directory / "config.yaml").read_text())["model"])
+    free = {"hidden_dropout", "attention_dropout", "init_std"}
+    for key in ModelConfig.model_fields:
+        if key not in free and getattr(theirs, key) != getattr(config.model, key):
+            raise ConfigError(
+                f"{file}: model.{key}={getattr(config.model, key)!r} but train.init_from={directory} has "
+                f"{getattr(theirs, key)!r}"
+            )
+
+
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    """As a recipe that `load_config` reads back: unset optional keys and sections are left out."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False))

@@ -2,8 +2,8 @@
 
 model.safetensors   full (unsharded) fp32 weights, parameter names of `TransformerLM`
 config.yaml         the run config that produced it (its `model` section rebuilds the network)
-tokenizer.model     the SentencePiece model the data was tokenized with
-meta.json           step, tokens seen, final validation metrics
+tokenizer.model     the SentencePiece model the data was tokenized with (absent for a model imported without one)
+meta.json           step, tokens seen, final validation metrics (or where an imported model came from)
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ def save_model_dir(
     directory: str | Path,
     state: dict[str, torch.Tensor],
     config: RunConfig,
-    tokenizer: str | Path,
+    tokenizer: str | Path | None,
     meta: dict,
 ) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
     save_config(config, out / CONFIG)
-    shutil.copyfile(tokenizer, out / TOKENIZER)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / TOKENIZER)
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

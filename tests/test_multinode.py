@@ -1,12 +1,18 @@
-"""Two nodes on one machine: `launch/train.sh` with a hostfile, started once per node."""
+"""Two nodes on one machine (127.0.0.1 and 127.0.0.2): `launch/train.sh` with a hostfile, started once per
+node (no ssh), or from one command through DeepSpeed's pdsh runner over a real sshd."""
 
 import os
+import shutil
+import socket
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, free_port, read_metrics, tiny_recipe, write_recipe
+from conftest import BIN, REPO, free_port, launch, read_metrics, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.distributed
+SSHD = Path("/usr/sbin/sshd")
 
 
 def test_hostfile_launch_trains_across_two_nodes(shards, tmp_path):
@@ -38,3 +44,93 @@ def test_hostfile_launch_trains_across_two_nodes(shards, tmp_path):
     # 2 ranks x micro-batch 8 sequences of 64 tokens, 15 % of each predicted
     assert metrics[1]["targets"] == 2 * 8 * round(64 * 0.15)
     assert (output / "model" / "model.safetensors").is_file()
+
+
+@pytest.fixture
+def sshd(tmp_path_factory):
+    """A private sshd on a free port of 127.0.0.1 and 127.0.0.2 that accepts a fresh key, and a `bin/` whose
+    `ssh` uses that key (pdsh and DeepSpeed's ssh check run `ssh` from PATH). Stopped at the end."""
+    missing = [tool for tool in ("pdsh", "ssh", "ssh-keygen") if not shutil.which(tool)]
+    if missing or not SSHD.is_file():
+        pytest.skip(
+            f"needs openssh-server and pdsh (.ci/run installs them); missing: {missing or [str(SSHD)]}"
+        )
+    if not Path("/run/sshd").is_dir():  # sshd's privilege-separation directory, made by its service unit
+        if os.geteuid() != 0:
+            pytest.skip("/run/sshd (sshd's privilege-separation directory) is missing and this is not root")
+        Path("/run/sshd").mkdir(mode=0o755)
+    root = tmp_path_factory.mktemp("ssh")
+    for key in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
+    port = free_port()
+    (root / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {root}/host_key\n"
+        f"AuthorizedKeysFile {root}/user_key.pub\nPidFile {root}/sshd.pid\nStrictModes no\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "UsePAM no\nLogLevel ERROR\n"
+    )
+    (root / "ssh_config").write_text(
+        f"Host *\n  IdentityFile {root}/user_key\n  IdentitiesOnly yes\n  BatchMode yes\n  LogLevel ERROR\n"
+        f"  UserKnownHostsFile {root}/known_hosts\n  StrictHostKeyChecking accept-new\n"
+    )
+    (root / "bin").mkdir()
+    wrapper = root / "bin" / "ssh"
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {root}/ssh_config "$@"\n')
+    wrapper.chmod(0o755)
+    server = subprocess.Popen(
+        [str(SSHD), "-D", "-e", "-f", str(root / "sshd_config")], stderr=subprocess.PIPE
+    )
+    try:
+        for host in ("127.0.0.1", "127.0.0.2"):
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    socket.create_connection((host, port), timeout=1).close()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"sshd did not start: {server.stderr.read().decode()}")
+                    time.sleep(0.1)
+        yield {"port": port, "bin": root / "bin", "root": root}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_pdsh_launch_over_ssh_equals_single_node(shards, tmp_path, sshd):
+    """One command starts both nodes through pdsh and ssh; the losses are the single-node run's."""
+    recipe = tiny_recipe(shards, tmp_path / "single", train={"train_steps": 3})
+    started = time.perf_counter()
+    launch(write_recipe(tmp_path / "single.yaml", recipe), nprocs=2)
+    single_seconds = time.perf_counter() - started
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    env_file = tmp_path / "deepspeed_env"  # what .deepspeed_env would hold: sent to every node
+    env_file.write_text("OMP_NUM_THREADS=1\nDS_ACCELERATOR=cpu\n")
+    recipe["train"]["output_dir"] = str(tmp_path / "nodes")
+    env = os.environ | {
+        "PATH": f"{sshd['bin']}:{BIN}:{os.environ['PATH']}", "HOSTFILE": str(hostfile),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "SSH_PORT": str(sshd["port"]),
+        "DS_ENV_FILE": str(env_file),
+    }  # fmt: skip
+    env.pop("NODE_RANK", None)
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [str(REPO / "launch" / "train.sh"), str(write_recipe(tmp_path / "nodes.yaml", recipe))],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    nodes_seconds = time.perf_counter() - started
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "cmd = pdsh" in log and "export OMP_NUM_THREADS=1; export DS_ACCELERATOR=cpu;" in log
+    for node in ("127.0.0.1", "127.0.0.2"):  # pdsh prefixes each line of a node with its host
+        assert any(line.startswith(f"{node}: ") and "dist_world_size=2" in line for line in log.splitlines())
+    single, nodes = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "nodes")
+    assert sorted(nodes) == sorted(single) == [1, 2, 3]
+    for step in single:
+        assert nodes[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-6), step
+    print(
+        f"losses {[single[s]['loss'] for s in sorted(single)]} (single node, {single_seconds:.1f} s) vs "
+        f"{[nodes[s]['loss'] for s in sorted(nodes)]} (2 nodes over pdsh/ssh, {nodes_seconds:.1f} s)"
+    )

@@ -1,4 +1,4 @@
-"""Export a trained model directory to other frameworks' formats: `plmscale export`."""
+"""Move models between plmscale and other frameworks: `plmscale export` and `plmscale import`."""
 
 from __future__ import annotations
 
@@ -28,4 +28,36 @@ def run_export_command(args: argparse.Namespace) -> None:
     print(f"exported {args.model} -> {out} ({args.format}, logits verified against plmscale)")
 
 
-__all__ = ["add_export_parser", "run_export_command"]
+def add_import_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `plmscale import --format hf --input DIR --output DIR [--tokenizer MODEL]`."""
+    parser = subparsers.add_parser(
+        "import",
+        help="import a Hugging Face BERT / Megatron-BERT / GPT-2 checkpoint as a model directory",
+        description="Import a local checkpoint directory (nothing is downloaded); plmscale's logits are "
+        "checked against transformers' before the model directory is written.",
+    )
+    parser.add_argument("--format", choices=FORMATS, default="hf")
+    parser.add_argument("--input", required=True, help="checkpoint directory (config.json and weights)")
+    parser.add_argument("--output", required=True, help="model directory to write")
+    parser.add_argument(
+        "--tokenizer",
+        help="SentencePiece model with plmscale's special ids to ship with it (default: the input's "
+        "tokenizer.model, if any)",
+    )
+    parser.set_defaults(func=run_import_command)
+    return parser
+
+
+def run_import_command(args: argparse.Namespace) -> None:
+    from plmscale.export.hf_import import import_hf
+
+    meta = import_hf(args.input, args.output, args.tokenizer)
+    imported = meta["imported"]
+    diff = max(imported["max_logit_difference"].values())
+    print(
+        f"imported {args.input} ({imported['architecture']}) -> {args.output} "
+        f"(logits verified against transformers, max |difference| {diff:.2g})"
+    )
+
+
+__all__ = ["add_export_parser", "add_import_parser", "run_export_command", "run_import_command"]

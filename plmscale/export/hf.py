@@ -4,9 +4,11 @@
 
 The encoder is exactly Megatron-BERT (pre-LN, no embedding LayerNorm, final LayerNorm, BERT's MLM head
 tied to the word embedding) and loads as `MegatronBertForMaskedLM`, or with its pair head (pooler and NSP /
-SOP classifier) as `MegatronBertForPreTraining`; the decoder is exactly GPT-2 with exact GELU and loads as
-`GPT2LMHeadModel`. Only weights are renamed and split; nothing is approximated, so
-`export_hf` finishes by loading its output with `transformers` and comparing logits with plmscale's forward.
+SOP classifier) as `MegatronBertForPreTraining`; built with `model.layernorm_position: post` and
+`model.embedding_layernorm` it is exactly BERT (`BertForMaskedLM` / `BertForPreTraining`). The decoder is
+exactly GPT-2 and loads as `GPT2LMHeadModel`. Only weights are renamed and split (`hf_mapping.py`, which
+the import reads backwards); nothing is approximated, so `export_hf` finishes by loading its output with
+`transformers` and comparing logits with plmscale's forward.
 
 The tokenizer is written as a fast `tokenizer.json` built from the SentencePiece model. On ordinary text it
 yields the ids of `plmscale.tokenizer.Tokenizer.encode`; the encoder's adds [CLS] ... [SEP] around them (the
@@ -20,139 +22,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import save_file
 from tokenizers import processors
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForPreTraining,
-    AutoTokenizer,
-    GPT2Config,
-    MegatronBertConfig,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
-from plmscale.config import ModelConfig
-from plmscale.model_dir import TOKENIZER, load_local_model
-from plmscale.tokenizer import CLS_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer
+from plmscale.config import ConfigError, ModelConfig
+from plmscale.export.hf_mapping import hf_config, to_hf_weights
+from plmscale.model_dir import CONFIG, TOKENIZER, load_local_model
+from plmscale.tokenizer import CLS_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer
 
 HF_WEIGHTS = "model.safetensors"
-ATOL = RTOL = 1e-4  # fp32 forward of the same math in two implementations
+ATOL = 1e-4  # fp32 forward of the same math in two implementations
 CHECK_TEXT = "The quick brown fox, 42 times: naïve café — ünïcode!  Twice  spaced."
-
-
-def split_qkv(weight: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
-    """Our fused QKV rows are [head, (q, k, v), head_dim]; return separate q, k, v (weights or biases)."""
-    fused = weight.view(cfg.num_heads, 3, cfg.head_dim, *weight.shape[1:])
-    return [fused[:, i].reshape(cfg.hidden_size, *weight.shape[1:]) for i in range(3)]
-
-
-def megatron_bert_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {
-        "bert.embeddings.word_embeddings.weight": state["word_embeddings.weight"],
-        "bert.embeddings.position_embeddings.weight": state["position_embeddings.weight"],
-        # Megatron-BERT always has segment embeddings: a single zero row adds nothing.
-        "bert.embeddings.token_type_embeddings.weight": state.get(
-            "token_type_embeddings.weight", torch.zeros(1, cfg.hidden_size)
-        ),
-        "bert.encoder.ln.weight": state["final_ln.weight"],
-        "bert.encoder.ln.bias": state["final_ln.bias"],
-        "cls.predictions.transform.dense.weight": state["head.dense.weight"],
-        "cls.predictions.transform.dense.bias": state["head.dense.bias"],
-        "cls.predictions.transform.LayerNorm.weight": state["head.ln.weight"],
-        "cls.predictions.transform.LayerNorm.bias": state["head.ln.bias"],
-        "cls.predictions.bias": state["head.output.bias"],
-    }
-    if cfg.pair_head:
-        out |= {
-            f"{theirs}.{kind}": state[f"pair_head.{ours}.{kind}"]
-            for ours, theirs in (("pooler", "bert.pooler.dense"), ("classifier", "cls.seq_relationship"))
-            for kind in ("weight", "bias")
-        }
-    for i in range(cfg.num_layers):
-        ours, theirs = f"layers.{i}.", f"bert.encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = split_qkv(state[ours + f"attn.qkv.{kind}"], cfg)
-            out |= {
-                theirs + f"attention.ln.{kind}": state[ours + f"ln_attn.{kind}"],
-                theirs + f"attention.self.query.{kind}": q,
-                theirs + f"attention.self.key.{kind}": k,
-                theirs + f"attention.self.value.{kind}": v,
-                theirs + f"attention.output.dense.{kind}": state[ours + f"attn.proj.{kind}"],
-                theirs + f"ln.{kind}": state[ours + f"ln_mlp.{kind}"],
-                theirs + f"intermediate.dense.{kind}": state[ours + f"mlp.fc_in.{kind}"],
-                theirs + f"output.dense.{kind}": state[ours + f"mlp.fc_out.{kind}"],
-            }
-    return out
-
-
-def gpt2_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """GPT-2's Conv1D stores weights as [in, out]: every linear weight is transposed."""
-    out = {
-        "transformer.wte.weight": state["word_embeddings.weight"],
-        "transformer.wpe.weight": state["position_embeddings.weight"],
-        "transformer.ln_f.weight": state["final_ln.weight"],
-        "transformer.ln_f.bias": state["final_ln.bias"],
-    }
-    for i in range(cfg.num_layers):
-        ours, theirs = f"layers.{i}.", f"transformer.h.{i}."
-        out |= {
-            theirs + "ln_1.weight": state[ours + "ln_attn.weight"],
-            theirs + "ln_1.bias": state[ours + "ln_attn.bias"],
-            theirs + "attn.c_attn.weight": torch.cat(split_qkv(state[ours + "attn.qkv.weight"], cfg)).T,
-            theirs + "attn.c_attn.bias": torch.cat(split_qkv(state[ours + "attn.qkv.bias"], cfg)),
-            theirs + "attn.c_proj.weight": state[ours + "attn.proj.weight"].T,
-            theirs + "attn.c_proj.bias": state[ours + "attn.proj.bias"],
-            theirs + "ln_2.weight": state[ours + "ln_mlp.weight"],
-            theirs + "ln_2.bias": state[ours + "ln_mlp.bias"],
-            theirs + "mlp.c_fc.weight": state[ours + "mlp.fc_in.weight"].T,
-            theirs + "mlp.c_fc.bias": state[ours + "mlp.fc_in.bias"],
-            theirs + "mlp.c_proj.weight": state[ours + "mlp.fc_out.weight"].T,
-            theirs + "mlp.c_proj.bias": state[ours + "mlp.fc_out.bias"],
-        }
-    return out
-
-
-def hf_config(cfg: ModelConfig):
-    if cfg.kind == "encoder":
-        return MegatronBertConfig(
-            vocab_size=cfg.padded_vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.ffn_size,
-            hidden_act="gelu",  # exact (erf) GELU, as F.gelu
-            hidden_dropout_prob=cfg.hidden_dropout,
-            attention_probs_dropout_prob=cfg.attention_dropout,
-            max_position_embeddings=cfg.max_position_embeddings,
-            type_vocab_size=cfg.type_vocab_size or 1,
-            initializer_range=cfg.init_std,
-            layer_norm_eps=cfg.layernorm_eps,
-            pad_token_id=PAD_ID,
-            tie_word_embeddings=True,
-            architectures=["MegatronBertForPreTraining" if cfg.pair_head else "MegatronBertForMaskedLM"],
-        )
-    return GPT2Config(
-        vocab_size=cfg.padded_vocab_size,
-        n_embd=cfg.hidden_size,
-        n_layer=cfg.num_layers,
-        n_head=cfg.num_heads,
-        n_inner=cfg.ffn_size,
-        n_positions=cfg.max_position_embeddings,
-        activation_function="gelu",
-        resid_pdrop=cfg.hidden_dropout,
-        embd_pdrop=cfg.hidden_dropout,
-        attn_pdrop=cfg.attention_dropout,
-        layer_norm_epsilon=cfg.layernorm_eps,
-        initializer_range=cfg.init_std,
-        # Packed streams end every document with [SEP]: it is the decoder's end-of-text.
-        bos_token_id=SEP_ID,
-        eos_token_id=SEP_ID,
-        pad_token_id=PAD_ID,
-        tie_word_embeddings=True,
-        architectures=["GPT2LMHeadModel"],
-    )
 
 
 def hf_tokenizer(model_path: Path, cfg: ModelConfig) -> PreTrainedTokenizerFast:
@@ -184,33 +67,58 @@ def export_hf(model_dir: str | Path, output_dir: str | Path) -> Path:
     """Write config.json, model.safetensors and the tokenizer to `output_dir`, then verify them."""
     model_dir, out = Path(model_dir), Path(output_dir)
     model, cfg = load_local_model(model_dir)
-    state = model.state_dict()
-    weights = megatron_bert_weights(state, cfg) if cfg.kind == "encoder" else gpt2_weights(state, cfg)
+    try:
+        config = hf_config(cfg)
+    except ValueError as err:
+        raise ConfigError(f"{model_dir / CONFIG}: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
-    hf_config(cfg).save_pretrained(out)
-    save_file(
-        {k: v.contiguous() for k, v in weights.items()}, str(out / HF_WEIGHTS), metadata={"format": "pt"}
-    )
-    hf_tokenizer(model_dir / TOKENIZER, cfg).save_pretrained(out)
+    config.save_pretrained(out)
+    weights = {k: v.contiguous() for k, v in to_hf_weights(model.state_dict(), cfg).items()}
+    save_file(weights, str(out / HF_WEIGHTS), metadata={"format": "pt"})
+    if (model_dir / TOKENIZER).is_file():  # a model imported without a SentencePiece model has none
+        hf_tokenizer(model_dir / TOKENIZER, cfg).save_pretrained(out)
     verify_export(model, model_dir / TOKENIZER, out)
     return out
 
 
+def load_hf_model(directory: str | Path, architecture: str | None = None) -> tuple[PreTrainedModel, dict]:
+    """A local checkpoint as `architecture` (default: the one its config names), in fp32 and eval mode,
+    with transformers' loading info (missing and unexpected weights). Nothing is downloaded."""
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    cls = getattr(transformers, architecture or config.architectures[0])
+    model, info = cls.from_pretrained(
+        directory, local_files_only=True, dtype=torch.float32, output_loading_info=True
+    )
+    return model.eval(), info
+
+
 def verify_export(model, tokenizer_path: Path, export_dir: str | Path) -> None:
     """Load the export with `transformers`; check it gives plmscale's logits and token ids, or raise."""
-    ids = Tokenizer(tokenizer_path).encode([CHECK_TEXT])[0]
-    loaded = AutoTokenizer.from_pretrained(export_dir)
-    hf_ids = loaded(CHECK_TEXT, add_special_tokens=False, verbose=False)["input_ids"]
-    if hf_ids != ids:
-        raise RuntimeError(f"export {export_dir}: tokenizer.json gives {hf_ids}, SentencePiece gives {ids}")
-    cfg = model.cfg
-    auto = {"decoder": AutoModelForCausalLM, "encoder": AutoModelForMaskedLM}[cfg.kind]
-    if cfg.pair_head:
-        auto = AutoModelForPreTraining
-    hf, info = auto.from_pretrained(export_dir, output_loading_info=True)
+    if tokenizer_path.is_file():
+        ids = Tokenizer(tokenizer_path).encode([CHECK_TEXT])[0]
+        loaded = AutoTokenizer.from_pretrained(export_dir)
+        hf_ids = loaded(CHECK_TEXT, add_special_tokens=False, verbose=False)["input_ids"]
+        if hf_ids != ids:
+            raise RuntimeError(
+                f"export {export_dir}: tokenizer.json gives {hf_ids}, SentencePiece gives {ids}"
+            )
+    hf, info = load_hf_model(export_dir)
     problems = {k: v for k, v in info.items() if v}
     if problems:
         raise RuntimeError(f"export {export_dir}: transformers could not load every weight: {problems}")
+    for what, diff in logit_differences(model, hf).items():
+        if diff > ATOL:
+            raise RuntimeError(
+                f"export {export_dir}: transformers' {type(hf).__name__} differs from plmscale's forward "
+                f"(max |{what} logit difference| {diff:.3g}); the weight mapping is wrong"
+            )
+
+
+@torch.inference_mode()
+def logit_differences(model, hf: PreTrainedModel) -> dict[str, float]:
+    """Max |plmscale logit - transformers logit| on a fixed random batch with a padded row (and segments A and
+    B for an encoder with segment embeddings): "token", and "pair" for a model with a pair head."""
+    cfg = model.cfg
     seq = min(16, cfg.max_position_embeddings)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, cfg.vocab_size, (2, seq), generator=generator)
@@ -219,14 +127,12 @@ def verify_export(model, tokenizer_path: Path, export_dir: str | Path) -> None:
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if cfg.kind == "encoder" and cfg.type_vocab_size >= 2:  # segments A and B check the segment embedding
         inputs["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(2, seq)
-    with torch.inference_mode():
-        ours = model(**inputs, classify_pair=True) if cfg.pair_head else (model(**inputs),)
-        out = hf.eval()(**inputs)
-    theirs = (out.prediction_logits, out.seq_relationship_logits) if cfg.pair_head else (out.logits,)
-    for what, mine, hf_logits in zip(("token", "pair"), ours, theirs, strict=False):
-        if not torch.allclose(mine.float(), hf_logits.float(), rtol=RTOL, atol=ATOL):
-            diff = (mine.float() - hf_logits.float()).abs().max().item()
-            raise RuntimeError(
-                f"export {export_dir}: transformers' {type(hf).__name__} differs from plmscale's forward "
-                f"(max |{what} logit difference| {diff:.3g}); the weight mapping is wrong"
-            )
+    ours = model.eval()(**inputs, classify_pair=True) if cfg.pair_head else (model.eval()(**inputs),)
+    out = hf(**inputs)
+    theirs = (
+        (out.prediction_logits, out.seq_relationship_logits) if "prediction_logits" in out else (out.logits,)
+    )
+    return {
+        what: (mine.float() - hf_logits.float()).abs().max().item()
+        for what, mine, hf_logits in zip(("token", "pair"), ours, theirs, strict=False)
+    }

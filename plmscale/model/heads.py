@@ -4,26 +4,26 @@ BERT's sentence-pair head (NSP / SOP) on the [CLS] state."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from plmscale.config import ModelConfig
-from plmscale.model.layers import LayerSpec
+from plmscale.model.layers import LayerSpec, activation
 
 
 class MLMHead(nn.Module):
-    """dense -> GELU -> LayerNorm -> tied projection + bias (BERT's transform before the decoder)."""
+    """dense -> GELU (model.activation) -> LayerNorm -> tied projection + bias (BERT's transform before the decoder)."""
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         nn.init.normal_(self.dense.weight, std=cfg.init_std)
         nn.init.zeros_(self.dense.bias)
+        self.act = activation(cfg.activation)
         self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.output = spec.output_projection(cfg.hidden_size, cfg.padded_vocab_size, bias=True)
 
     def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
-        return self.output(self.ln(F.gelu(self.dense(hidden))), embedding_weight)
+        return self.output(self.ln(self.act(self.dense(hidden))), embedding_weight)
 
 
 class LMHead(nn.Module):

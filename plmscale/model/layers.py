@@ -36,6 +36,12 @@ class LayerSpec(Protocol):
         """Full-vocabulary logits from vocabulary-shard logits (differentiable)."""
 
 
+def activation(name: str):
+    """`model.activation`: exact GELU, or the tanh approximation GPT-2 was trained with (gelu_new)."""
+    approximate = {"gelu": "none", "gelu_tanh": "tanh"}[name]
+    return lambda x: F.gelu(x, approximate=approximate)
+
+
 def normal_init(std: float):
     return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
 

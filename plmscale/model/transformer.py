@@ -1,4 +1,7 @@
-"""A pre-LayerNorm transformer that serves as encoder (bidirectional) or decoder (causal).
+"""A transformer that serves as encoder (bidirectional) or decoder (causal).
+
+Pre-LayerNorm with a final LayerNorm (GPT-2, Megatron-BERT) by default; `model.layernorm_position: post`
+with `model.embedding_layernorm` gives the original BERT's block, the same modules in another order.
 
 Shapes are [batch, seq, hidden]. Attention runs through `scaled_dot_product_attention`. The fused QKV
 projection is laid out per head as [heads, (q, k, v), head_dim] so that sharding its output dimension hands
@@ -16,7 +19,7 @@ from torch import nn
 
 from plmscale.config import ModelConfig
 from plmscale.model.heads import PairHead, build_head
-from plmscale.model.layers import LayerSpec, LocalLayers
+from plmscale.model.layers import LayerSpec, LocalLayers, activation
 
 
 class Attention(nn.Module):
@@ -47,13 +50,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
+        self.act = activation(cfg.activation)
         self.fc_in = spec.column_linear(cfg.hidden_size, cfg.ffn_size, cfg.init_std)
         self.fc_out = spec.row_linear(
             cfg.ffn_size, cfg.hidden_size, cfg.init_std / (2 * cfg.num_layers) ** 0.5
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x)))
+        return self.fc_out(self.act(self.fc_in(x)))
 
 
 class Block(nn.Module):
@@ -64,8 +68,12 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.mlp = MLP(cfg, spec)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.post_ln = cfg.layernorm_position == "post"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        if self.post_ln:
+            x = self.ln_attn(x + self.dropout(self.attn(x, mask, causal)))
+            return self.ln_mlp(x + self.dropout(self.mlp(x)))
         x = x + self.dropout(self.attn(self.ln_attn(x), mask, causal))
         return x + self.dropout(self.mlp(self.ln_mlp(x)))
 
@@ -97,7 +105,7 @@ def _seeded(base: int, piece: int):
 
 
 class TransformerLM(nn.Module):
-    """Embeddings -> blocks -> final LayerNorm -> head tied to the word embedding.
+    """Embeddings -> blocks -> final LayerNorm (pre-LN) -> head tied to the word embedding.
 
     Returns vocabulary-shard logits; the spec's `cross_entropy` / `gather_logits` consume them. With
     `target_mask`, the head runs only where it is True and returns [targets, vocab]: MLM predicts ~15 % of
@@ -129,6 +137,9 @@ class TransformerLM(nn.Module):
                     nn.init.normal_(self.token_type_embeddings.weight, std=cfg.init_std)
                 else:
                     self.token_type_embeddings = None
+                self.embedding_ln = (
+                    nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps) if cfg.embedding_layernorm else None
+                )
             self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleDict()
         for index in range(part.first_layer, part.stop_layer):
@@ -136,7 +147,12 @@ class TransformerLM(nn.Module):
                 self.layers[str(index)] = Block(cfg, spec)
         if part.head:
             with _seeded(seed, head):
-                self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+                # A post-LN block already ends in a LayerNorm.
+                self.final_ln = (
+                    nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+                    if cfg.layernorm_position == "pre"
+                    else None
+                )
                 self.head = build_head(cfg, spec)
                 self.pair_head = PairHead(cfg) if cfg.pair_head else None
 
@@ -147,6 +163,8 @@ class TransformerLM(nn.Module):
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.token_type_embeddings(token_type_ids)
+        if self.embedding_ln is not None:
+            x = self.embedding_ln(x)
         return self.embedding_dropout(x)
 
     def encode(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,7 +179,7 @@ class TransformerLM(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if classify_pair and self.pair_head is None:
             raise ValueError("classify_pair needs a model built with model.pair_head: true")
-        hidden = self.final_ln(x)
+        hidden = self.final_ln(x) if self.final_ln is not None else x
         pair_logits = self.pair_head(hidden[:, 0]) if classify_pair else None
         if target_mask is not None:
             hidden = hidden[target_mask]
@@ -175,7 +193,8 @@ class TransformerLM(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final hidden states (after the last LayerNorm) of a whole model."""
-        return self.final_ln(self.encode(self.embed(input_ids, token_type_ids), attention_mask))
+        x = self.encode(self.embed(input_ids, token_type_ids), attention_mask)
+        return self.final_ln(x) if self.final_ln is not None else x
 
     def attention_bias(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
         """Boolean [b, 1, s, s] mask (True = attend) from a [b, s] padding mask, causal for decoders."""

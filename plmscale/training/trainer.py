@@ -131,6 +131,8 @@ class Trainer:
             self.model = build_parallel_model(cfg.model)
         self.spec = next(m.spec for m in self.model.modules() if hasattr(m, "spec"))
         checkpoint_layers(self.model, cfg.train.activation_checkpointing)
+        if cfg.train.init_from:  # imported or trained weights; a checkpoint, if any, wins on resume
+            load_full_state_dict(self.model, model_dir.load_state(cfg.train.init_from))
         self.distillation = self._set_up_distillation(dtype) if cfg.distill else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model,

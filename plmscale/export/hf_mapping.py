@@ -1,0 +1,251 @@
+"""How plmscale's model corresponds to `transformers`' BERT, Megatron-BERT and GPT-2: one table of weight
+rules and one pair of config translations, read in one direction by the export and in the other by the
+import, so the two cannot drift apart.
+
+A rule ties one plmscale tensor to one or more `transformers` tensors with a function each way (rename,
+transpose, split of the fused QKV projection) that moves values without arithmetic: HF -> plmscale -> HF is
+bitwise exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from transformers import BertConfig, GPT2Config, MegatronBertConfig, PretrainedConfig
+
+from plmscale.config import ModelConfig
+from plmscale.tokenizer import PAD_ID, SEP_ID
+
+# Which transformers family computes exactly what a (kind, layernorm_position, embedding_layernorm) builds.
+FAMILIES = {
+    ("encoder", "pre", False): "MegatronBert",
+    ("encoder", "post", True): "Bert",
+    ("decoder", "pre", False): "GPT2",
+}
+ACTIVATION_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # both as F.gelu computes them
+# gelu_new is GPT-2's tanh GELU written out in elementary ops: the same function, last-bit differences.
+ACTIVATION_FROM_HF = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+
+class Rule(NamedTuple):
+    ours: str
+    theirs: tuple[str, ...]
+    to_hf: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    from_hf: Callable[..., torch.Tensor]
+
+
+def renamed(ours: str, theirs: str) -> Rule:
+    return Rule(ours, (theirs,), lambda t: (t,), lambda t: t)
+
+
+def transposed(ours: str, theirs: str) -> Rule:
+    """GPT-2's Conv1D stores a linear weight as [in, out]."""
+    return Rule(ours, (theirs,), lambda t: (t.T,), lambda t: t.T)
+
+
+def split_qkv(fused: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    """Our fused QKV rows are [head, (q, k, v), head_dim]; return separate q, k, v (weights or biases)."""
+    per_head = fused.view(cfg.num_heads, 3, cfg.head_dim, *fused.shape[1:])
+    return [per_head[:, i].reshape(cfg.hidden_size, *fused.shape[1:]) for i in range(3)]
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The inverse of `split_qkv`."""
+    per_head = [x.reshape(cfg.num_heads, cfg.head_dim, *x.shape[1:]) for x in (q, k, v)]
+    return torch.stack(per_head, dim=1).reshape(3 * cfg.hidden_size, *q.shape[1:])
+
+
+def family(cfg: ModelConfig) -> str:
+    layout = (cfg.kind, cfg.layernorm_position, cfg.embedding_layernorm)
+    if layout not in FAMILIES:
+        raise ValueError(
+            f"model.kind={cfg.kind} with model.layernorm_position={cfg.layernorm_position} and "
+            f"model.embedding_layernorm={cfg.embedding_layernorm} has no transformers architecture; "
+            f"exportable: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[layout]
+
+
+def architecture(cfg: ModelConfig) -> str:
+    name = family(cfg)
+    return (
+        "GPT2LMHeadModel" if name == "GPT2" else name + ("ForPreTraining" if cfg.pair_head else "ForMaskedLM")
+    )
+
+
+def bert_rules(cfg: ModelConfig) -> list[Rule]:
+    """BERT and Megatron-BERT share embeddings and heads; their blocks differ in where the LayerNorms sit."""
+    plain = family(cfg) == "Bert"
+    rules = [
+        renamed("word_embeddings.weight", "bert.embeddings.word_embeddings.weight"),
+        renamed("position_embeddings.weight", "bert.embeddings.position_embeddings.weight"),
+        renamed("head.output.bias", "cls.predictions.bias"),
+    ]
+    if cfg.type_vocab_size:
+        rules.append(renamed("token_type_embeddings.weight", "bert.embeddings.token_type_embeddings.weight"))
+    parts = [
+        ("head.dense", "cls.predictions.transform.dense"),
+        ("head.ln", "cls.predictions.transform.LayerNorm"),
+    ]
+    parts += [("embedding_ln", "bert.embeddings.LayerNorm")] if plain else [("final_ln", "bert.encoder.ln")]
+    if cfg.pair_head:
+        parts += [("pair_head.pooler", "bert.pooler.dense"), ("pair_head.classifier", "cls.seq_relationship")]
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"bert.encoder.layer.{i}."
+        # Pre-LN: the LayerNorm before attention / MLP. Post-LN: the one after each residual add.
+        ln_attn, ln_mlp = (
+            ("attention.output.LayerNorm", "output.LayerNorm") if plain else ("attention.ln", "ln")
+        )
+        parts += [
+            (ours + "ln_attn", theirs + ln_attn),
+            (ours + "attn.proj", theirs + "attention.output.dense"),
+            (ours + "ln_mlp", theirs + ln_mlp),
+            (ours + "mlp.fc_in", theirs + "intermediate.dense"),
+            (ours + "mlp.fc_out", theirs + "output.dense"),
+        ]
+        qkv = tuple(theirs + f"attention.self.{name}" for name in ("query", "key", "value"))
+        for kind in ("weight", "bias"):
+            rules.append(
+                Rule(
+                    ours + f"attn.qkv.{kind}",
+                    tuple(f"{name}.{kind}" for name in qkv),
+                    lambda t: tuple(split_qkv(t, cfg)),
+                    lambda q, k, v: merge_qkv(q, k, v, cfg),
+                )
+            )
+    rules += [renamed(f"{o}.{kind}", f"{t}.{kind}") for o, t in parts for kind in ("weight", "bias")]
+    return rules
+
+
+def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = [
+        renamed("word_embeddings.weight", "transformer.wte.weight"),
+        renamed("position_embeddings.weight", "transformer.wpe.weight"),
+        renamed("final_ln.weight", "transformer.ln_f.weight"),
+        renamed("final_ln.bias", "transformer.ln_f.bias"),
+    ]
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"transformer.h.{i}."
+        rules += [
+            Rule(
+                ours + "attn.qkv.weight",
+                (theirs + "attn.c_attn.weight",),
+                lambda t: (torch.cat(split_qkv(t, cfg)).T,),
+                lambda t: merge_qkv(*t.T.chunk(3), cfg),
+            ),
+            Rule(
+                ours + "attn.qkv.bias",
+                (theirs + "attn.c_attn.bias",),
+                lambda t: (torch.cat(split_qkv(t, cfg)),),
+                lambda t: merge_qkv(*t.chunk(3), cfg),
+            ),
+        ]
+        for o, t in (("attn.proj", "attn.c_proj"), ("mlp.fc_in", "mlp.c_fc"), ("mlp.fc_out", "mlp.c_proj")):
+            rules += [
+                transposed(f"{ours}{o}.weight", f"{theirs}{t}.weight"),
+                renamed(f"{ours}{o}.bias", f"{theirs}{t}.bias"),
+            ]
+        for o, t in (("ln_attn", "ln_1"), ("ln_mlp", "ln_2")):
+            rules += [renamed(f"{ours}{o}.{kind}", f"{theirs}{t}.{kind}") for kind in ("weight", "bias")]
+    return rules
+
+
+def weight_rules(cfg: ModelConfig) -> list[Rule]:
+    return gpt2_rules(cfg) if family(cfg) == "GPT2" else bert_rules(cfg)
+
+
+def to_hf_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for rule in weight_rules(cfg):
+        out |= zip(rule.theirs, rule.to_hf(state[rule.ours]), strict=True)
+    if (
+        cfg.kind == "encoder" and not cfg.type_vocab_size
+    ):  # BERTs always add a segment: one zero row adds nothing
+        out["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.hidden_size)
+    return out
+
+
+def from_hf_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    return {rule.ours: rule.from_hf(*(weights[name] for name in rule.theirs)) for rule in weight_rules(cfg)}
+
+
+def hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The `transformers` config of the architecture that computes what `cfg` builds."""
+    name = family(cfg)
+    if name == "GPT2":
+        return GPT2Config(
+            vocab_size=cfg.padded_vocab_size,
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_inner=cfg.ffn_size,
+            n_positions=cfg.max_position_embeddings,
+            activation_function=ACTIVATION_TO_HF[cfg.activation],
+            resid_pdrop=cfg.hidden_dropout,
+            embd_pdrop=cfg.hidden_dropout,
+            attn_pdrop=cfg.attention_dropout,
+            layer_norm_epsilon=cfg.layernorm_eps,
+            initializer_range=cfg.init_std,
+            # Packed streams end every document with [SEP]: it is the decoder's end-of-text.
+            bos_token_id=SEP_ID,
+            eos_token_id=SEP_ID,
+            pad_token_id=PAD_ID,
+            tie_word_embeddings=True,
+            architectures=[architecture(cfg)],
+        )
+    return (BertConfig if name == "Bert" else MegatronBertConfig)(
+        vocab_size=cfg.padded_vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.ffn_size,
+        hidden_act=ACTIVATION_TO_HF[cfg.activation],
+        hidden_dropout_prob=cfg.hidden_dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=cfg.type_vocab_size or 1,
+        initializer_range=cfg.init_std,
+        layer_norm_eps=cfg.layernorm_eps,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=True,
+        architectures=[architecture(cfg)],
+    )
+
+
+def model_fields_from_hf(config: PretrainedConfig) -> dict:
+    """`ModelConfig` fields from a BERT, Megatron-BERT or GPT-2 config (the inverse of `hf_config`);
+    vocabulary and pair head are the caller's, as they depend on the tokenizer and the weights."""
+    if config.model_type == "gpt2":
+        return {
+            "kind": "decoder",
+            "hidden_size": config.n_embd,
+            "num_layers": config.n_layer,
+            "num_heads": config.n_head,
+            "ffn_hidden_size": config.n_inner or 4 * config.n_embd,
+            "max_position_embeddings": config.n_positions,
+            "type_vocab_size": 0,
+            "activation": ACTIVATION_FROM_HF[config.activation_function],
+            "layernorm_eps": config.layer_norm_epsilon,
+            "hidden_dropout": config.resid_pdrop,
+            "attention_dropout": config.attn_pdrop,
+            "init_std": config.initializer_range,
+        }
+    plain = config.model_type == "bert"
+    return {
+        "kind": "encoder",
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "ffn_hidden_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "type_vocab_size": config.type_vocab_size,
+        "layernorm_position": "post" if plain else "pre",
+        "embedding_layernorm": plain,
+        "activation": ACTIVATION_FROM_HF[config.hidden_act],
+        "layernorm_eps": config.layer_norm_eps,
+        "hidden_dropout": config.hidden_dropout_prob,
+        "attention_dropout": config.attention_probs_dropout_prob,
+        "init_std": config.initializer_range,
+    }
