@@ -5,6 +5,8 @@
     launch/train.sh RECIPE --distill                   distill a teacher into a smaller student
     plmscale export --model DIR --format hf --output DIR
     plmscale eval --teacher DIR --student DIR --shards DIR ...
+    plmscale generate --model DIR --prompt TEXT        continue a prompt (decoder)
+    plmscale fill-mask --model DIR --text TEXT         fill the [MASK]s of a text (encoder)
 
 User errors print one line naming the file or key and exit with status 2.
 """
@@ -45,11 +47,15 @@ def _run_training(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     from data_prep.cli import add_prep_parser
     from plmscale.eval import add_eval_parser
     from plmscale.export import add_export_parser
+    from plmscale.inference import add_inference_parsers
 
     parser = argparse.ArgumentParser(prog="plmscale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('plmscale')}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_prep_parser(sub)
     for name, text in (("train", "pre-train a model"), ("distill", "distill a teacher into a student")):
@@ -65,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=_run_training)
     add_export_parser(sub)
     add_eval_parser(sub)
+    add_inference_parsers(sub)
     return parser
 
 
