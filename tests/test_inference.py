@@ -271,6 +271,11 @@ def test_cli_commands_print_the_answers_and_refuse_mistakes(trained, capsys):
         assert err.startswith("plmscale: error: ") and message in err and len(err.splitlines()) == 1
 
 
-def test_python_m_plmscale_prints_the_version():
+def test_python_m_plmscale_in_a_fresh_process(trained):
+    """Also a process that never seeded torch, whose random initial seed the model's init must accept."""
     run = subprocess.run([sys.executable, "-m", "plmscale", "--version"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout == f"plmscale {version('plmscale')}\n"
+    model, text = str(trained["encoder"][0]), next(iter(FILLS))
+    argv = [sys.executable, "-m", "plmscale", "fill-mask", "--model", model, "--text", text]
+    run = subprocess.run(argv, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.endswith(f"filled: {SENTENCES[0]}\n"), run.stderr[-2000:]
