@@ -38,6 +38,27 @@ def _positive(kind: type):
     return parse
 
 
+class _HelpWithParams(argparse.Action):
+    """-h of `prep instances`: the help, then each objective's --param keys and defaults. They are read off
+    the instance types, whose import pulls in megatron-core, so only when the help is asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(
+            option_strings,
+            dest=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="show this help message, with each objective's --param keys, and exit",
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from data_prep.instances.base import params_help
+
+        parser.epilog = params_help()
+        parser.print_help()
+        parser.exit()
+
+
 def _user_errors(command):
     """A user's mistake ends the command with one line on stderr and exit code 2, no traceback."""
 
@@ -102,13 +123,14 @@ def run_tokenizer(args: argparse.Namespace) -> None:
 @_user_errors
 def run_shards(args: argparse.Namespace) -> None:
     check_inputs(args.input)
-    if not args.tokenizer.is_file():
-        raise UserError(f"tokenizer not found: {args.tokenizer} (train one with `plmscale prep tokenizer`)")
+    tokenizer = args.tokenizer / "tokenizer.model" if args.tokenizer.is_dir() else args.tokenizer
+    if not tokenizer.is_file():
+        raise UserError(f"tokenizer not found: {tokenizer} (train one with `plmscale prep tokenizer`)")
     from data_prep.shards import build_shards  # slow imports, after the quick checks
 
     manifest = build_shards(
         args.input,
-        args.tokenizer,
+        tokenizer,
         args.out,
         text_field=args.text_field,
         workers=args.workers,
@@ -235,7 +257,12 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
 
     shards = commands.add_parser("shards", help="tokenize into megatron-core indexed dataset shards")
     _add_input_args(shards)
-    shards.add_argument("--tokenizer", type=Path, default=Path("data/tokenizer/tokenizer.model"))
+    shards.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=Path("data/tokenizer/tokenizer.model"),
+        help="the SentencePiece model, or the directory `prep tokenizer` wrote it to",
+    )
     shards.add_argument("--out", type=Path, default=Path("data/shards"), help="output directory")
     shards.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1)
     shards.add_argument("--valid-fraction", type=_fraction, default=0.01, help="held-out share of documents")
@@ -246,7 +273,13 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
     shards.add_argument("--no-progress", action="store_true", help="no progress bar")
     shards.set_defaults(func=run_shards)
 
-    instances = commands.add_parser("instances", help="pre-mask training instances from the shards")
+    instances = commands.add_parser(
+        "instances",
+        help="pre-mask training instances from the shards",
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    instances.add_argument("-h", "--help", action=_HelpWithParams)
     instances.add_argument("--shards", type=Path, default=Path("data/shards"), help="`prep shards` output")
     instances.add_argument("--objective", required=True, help="mlm, nsp, sop, wwm, wwm_zh, span, ernie, ...")
     instances.add_argument(
@@ -255,7 +288,11 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
     instances.add_argument("--dupe-factor", type=_positive(int), default=1, help="maskings of each document")
     instances.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1)
     instances.add_argument("--seed", type=int, default=1234)
-    instances.add_argument("--entities", type=Path, help="ernie: the entity list, one entity a line")
+    instances.add_argument(
+        "--entities",
+        type=Path,
+        help="the entity list, one entity a line: required by objective ernie (and --param masking=ernie)",
+    )
     instances.add_argument("--split", default="train", help="the shards' split to instance")
     instances.add_argument("--docs-per-task", type=_positive(int), default=2000, help="documents per task")
     instances.add_argument("--out", "--output", type=Path, required=True, help="output directory")

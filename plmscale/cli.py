@@ -6,6 +6,8 @@
     plmscale export --model DIR --format hf --output DIR
     plmscale import --format hf --input HF_DIR --output DIR [--tokenizer MODEL]
     plmscale eval --teacher DIR --student DIR --shards DIR ...
+    plmscale generate --model DIR --prompt TEXT        continue a prompt (decoder)
+    plmscale fill-mask --model DIR --text TEXT         fill the [MASK]s of a text (encoder)
 
 User errors print one line naming the file or key and exit with status 2.
 """
@@ -46,11 +48,15 @@ def _run_training(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     from data_prep.cli import add_prep_parser
     from plmscale.eval import add_eval_parser
     from plmscale.export import add_export_parser, add_import_parser
+    from plmscale.inference import add_inference_parsers
 
     parser = argparse.ArgumentParser(prog="plmscale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('plmscale')}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_prep_parser(sub)
     for name, text in (("train", "pre-train a model"), ("distill", "distill a teacher into a student")):
@@ -67,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_import_parser(sub)
     add_eval_parser(sub)
+    add_inference_parsers(sub)
     return parser
 
 

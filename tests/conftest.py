@@ -84,7 +84,7 @@ def launch_command(recipe: Path, nprocs: int, command: str = "train") -> list[st
     ]  # fmt: skip
 
 
-def launch(recipe: Path, nprocs: int = 2, command: str = "train", timeout: int = 300) -> str:
+def launch(recipe: Path, nprocs: int = 2, command: str = "train", timeout: int = 900) -> str:
     """Runs a recipe under the real deepspeed launcher; fails the test with the log if it fails."""
     proc = subprocess.run(
         launch_command(recipe, nprocs, command), cwd=REPO, capture_output=True, text=True, timeout=timeout

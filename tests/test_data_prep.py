@@ -251,3 +251,30 @@ def test_cli_runs_and_user_errors_exit_2(corpus, tokenizer, tmp_path, capsys):
                              capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
         assert run.returncode == 2 and "Traceback" not in run.stderr
         assert "error:" in run.stderr.splitlines()[-1]
+
+
+def test_the_tokenizer_may_be_named_by_its_directory(corpus, tokenizer, tmp_path, capsys):
+    main(["prep", "shards", "--input", str(corpus), "--tokenizer", str(tokenizer.parent), "--out",
+          str(tmp_path / "shards"), "--no-progress"])  # fmt: skip
+    assert load_manifest(tmp_path / "shards")["tokenizer"]["sha256"] == file_sha256(tokenizer)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prep", "shards", "--input", str(corpus), "--tokenizer", str(tmp_path), "--out",
+              str(tmp_path / "other"), "--no-progress"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert f"tokenizer not found: {tmp_path / 'tokenizer.model'}" in capsys.readouterr().err
+
+
+def test_instances_help_lists_every_objective_param_with_its_default(capsys):
+    from data_prep.instances.base import available, instance_type
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prep", "instances", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "required by objective ernie" in " ".join(text.split())  # argparse wraps the help
+    table = text[text.index("--param KEY=VALUE keys by objective") :]
+    assert "    max_seq_length [128]\n" in table and "    poisson_lambda [3.0]\n" in table
+    for name in available():
+        assert name in table
+        for key in instance_type(name).Params.model_fields:
+            assert f"    {key} [" in table

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import inspect
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,10 +18,11 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 
 from plmscale.config import REPO_ROOT, RunConfig
 from plmscale.export import add_export_parser
-from plmscale.export.hf import export_hf, verify_export
+from plmscale.export.hf import export_hf, hf_tokenizer, verify_export
+from plmscale.inference.model import encode_masked
 from plmscale.model import TransformerLM
 from plmscale.model_dir import load_local_model, save_model_dir
-from plmscale.tokenizer import TRAINER_SPECIAL_ARGS, Tokenizer
+from plmscale.tokenizer import TRAINER_SPECIAL_ARGS, WORD_START, Tokenizer
 
 STDLIB = ("argparse", "collections", "datetime", "decimal", "functools", "inspect", "json", "logging", "os")
 STDLIB += ("pathlib", "shutil", "subprocess", "tarfile", "textwrap", "unittest", "zipfile", "http.client")
@@ -139,7 +141,7 @@ def test_auto_tokenizer_ids_equal_sentencepiece(exported, tokenizer_model):
         assert theirs(text, add_special_tokens=False)["input_ids"] == expected, text
     wrapped = theirs(texts[0])["input_ids"]
     plain = ours.encode([texts[0]])[0]
-    assert wrapped == ([ours.cls_id, *plain, ours.sep_id] if kind == "encoder" else plain)
+    assert wrapped == ([ours.cls_id, *plain, ours.sep_id] if kind == "encoder" else [ours.sep_id, *plain])
     assert (theirs.pad_token_id, theirs.mask_token_id) == (ours.pad_id, ours.mask_id)
 
 
@@ -168,3 +170,39 @@ def test_export_command(tokenizer_model, tmp_path, capsys):
     args.func(args)
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     assert "logits verified" in capsys.readouterr().out
+
+
+def test_decode_is_sentencepiece_decode_and_a_continuation_keeps_its_space(exported, tokenizer_model):
+    model_dir, hf_dir = exported
+    kind = load_local_model(model_dir)[1].kind
+    ours, theirs = Tokenizer(tokenizer_model), AutoTokenizer.from_pretrained(hf_dir)
+    texts = docstring_lines()[TRAIN_LINES : TRAIN_LINES + 200] + ["Unicode: naïve café, 漢字 ✓", "a\nb  c"]
+    for text in texts:
+        ids = ours.encode([text])[0]
+        # the decoder keeps the dummy "▁" of the first token: a continuation is decoded on its own
+        space = " " if kind == "decoder" and ours.id_to_piece(ids[0]).startswith(WORD_START) else ""
+        assert theirs.decode(ids) == space + ours.decode(ids), text
+        assert theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True) == space + ours.decode(ids)
+    ids = ours.encode(["Return the absolute value of the argument."])[0]
+    cut = next(k for k in range(1, len(ids)) if ours.id_to_piece(ids[k]).startswith(WORD_START))
+    glued = ours.decode(ids[:cut]) + theirs.decode(ids[cut:])
+    assert (glued == ours.decode(ids)) == (kind == "decoder")
+
+
+@pytest.mark.parametrize(
+    "text, pieces",
+    [
+        ("the [MASK].", ["▁the", "[MASK]", "."]),
+        ("[MASK] is", ["[MASK]", "▁is"]),
+        ("  a  [MASK][MASK] b ", ["▁a", "[MASK]", "[MASK]", "▁", "b"]),
+        ("x[MASK]y", ["▁", "x", "[MASK]", "y"]),
+    ],
+)
+def test_a_mask_takes_the_word_boundary_before_it(tokenizer_model, text, pieces):
+    """As in training, where a masked token carried its own "▁": the same ids from the export's tokenizer
+    and from `plmscale fill-mask` on the model directory."""
+    ours = Tokenizer(tokenizer_model)
+    assert [ours.id_to_piece(i) for i in encode_masked(ours, text)] == pieces
+    for kind in ("encoder", "decoder"):
+        theirs = hf_tokenizer(Path(tokenizer_model), run_config(kind, ours.vocab_size).model)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == encode_masked(ours, text)

@@ -205,3 +205,18 @@ def available() -> list[str]:
     import data_prep.instances  # noqa: F401
 
     return sorted(_REGISTRY)
+
+
+def params_help() -> str:
+    """Each objective's `--param` keys with their defaults, read off the instance types' parameter models."""
+    objectives: dict[type[Params], list[str]] = {}
+    for name in available():
+        objectives.setdefault(instance_type(name).Params, []).append(name)
+    lines = ["--param KEY=VALUE keys by objective, [default]:"]
+    for params, names in objectives.items():
+        lines.append(f"  {', '.join(names)}:")
+        for key, field in params.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            shown = round(default, 6) if isinstance(default, float) else default
+            lines.append(f"    {key} [{shown}]" + (f"  {field.description}" if field.description else ""))
+    return "\n".join(lines)

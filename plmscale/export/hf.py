@@ -11,10 +11,18 @@ the import reads backwards); nothing is approximated, so `export_hf` finishes by
 `transformers` and comparing logits with plmscale's forward.
 
 The tokenizer is written as a fast `tokenizer.json` built from the SentencePiece model. On ordinary text it
-yields the ids of `plmscale.tokenizer.Tokenizer.encode`; the encoder's adds [CLS] ... [SEP] around them (the
-shape of its training inputs), the decoder's adds nothing. Special tokens written literally in the text
-("[MASK]", "[SEP]") are matched whole, as BERT's tokenizers do; SentencePiece spells control symbols out
-and keeps a separate "▁" before [MASK].
+yields the ids of `plmscale.tokenizer.Tokenizer.encode`; the encoder's adds [CLS] ... [SEP] around them and
+the decoder's a [SEP] before them, the shape of their training inputs (in the decoder's packed stream every
+document follows a [SEP]). Special tokens written literally in the text ("[MASK]", "[SEP]") are matched
+whole, as BERT's tokenizers do, where SentencePiece spells them out; "[MASK]" takes the word boundary before
+it ("the [MASK]." -> ▁the [MASK] .), as a masked token carried its own "▁" in training.
+
+The encoder's tokenizer decodes as SentencePiece does, dropping the dummy "▁" of the first token; the
+decoder's keeps it, as GPT-2's keeps a token's leading space. The text-generation pipeline decodes the new
+tokens alone and appends them to the prompt: SentencePiece's decode would glue the first new word to the
+prompt ("absolute" + "value"). No decoder can both drop that space and space a continuation, which starts
+with the same kind of token, so the decoder's `decode(ids)` is SentencePiece's with a leading space when the
+first token starts a word.
 """
 
 from __future__ import annotations
@@ -24,14 +32,14 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import save_file
-from tokenizers import processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, processors
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
 from plmscale.config import ConfigError, ModelConfig
 from plmscale.export.hf_mapping import hf_config, to_hf_weights
 from plmscale.model_dir import CONFIG, TOKENIZER, load_local_model
-from plmscale.tokenizer import CLS_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer
+from plmscale.tokenizer import CLS_ID, SEP_ID, SPECIAL_TOKENS, WORD_START, Tokenizer
 
 HF_WEIGHTS = "model.safetensors"
 ATOL = 1e-4  # fp32 forward of the same math in two implementations
@@ -48,14 +56,32 @@ def hf_tokenizer(model_path: Path, cfg: ModelConfig) -> PreTrainedTokenizerFast:
     else:  # BPE: merges are rebuilt from the piece scores
         vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
-    cls, sep = SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"]
+    cls, sep, mask = SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"], SPECIAL_TOKENS["mask"]
+    if proto.normalizer_spec.add_dummy_prefix:
+        # The dummy prefix moves from the pre-tokenizer (which would add it again after every [MASK]) to the
+        # normalizer, where it is added once, as SentencePiece does; [MASK], matched after normalization,
+        # then takes the word boundary before it.
+        backend.normalizer = normalizers.Sequence(
+            [backend.normalizer, normalizers.Replace(Regex(f"\\A(?!{WORD_START})"), WORD_START)]
+            + [normalizers.Replace(WORD_START + mask, mask)]
+        )
+        backend.pre_tokenizer[0].prepend_scheme = "never"  # the converter's Metaspace
     if cfg.kind == "encoder":
         backend.post_processor = processors.TemplateProcessing(
             single=f"{cls} $A {sep}",
             pair=f"{cls} $A {sep} $B:1 {sep}:1",
             special_tokens=[(cls, CLS_ID), (sep, SEP_ID)],
         )
+    else:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{sep} $A", pair=f"{sep} $A {sep} $B", special_tokens=[(sep, SEP_ID)]
+        )
+        # SentencePiece's decoders less the final strip of the first token's space (see above)
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace(WORD_START, " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
     special = {f"{name}_token": token for name, token in SPECIAL_TOKENS.items()}
+    special["mask_token"] = AddedToken(mask, special=True, normalized=True)
     if cfg.kind == "decoder":
         special |= {"bos_token": sep, "eos_token": sep}
     return PreTrainedTokenizerFast(

@@ -98,9 +98,10 @@ class ModelPart:
 @contextmanager
 def _seeded(base: int, piece: int):
     """Each piece of the network is initialized from its own seed, (run seed, piece), so a model built in
-    parts holds the same weights as the model built whole."""
+    parts holds the same weights as the model built whole. An unseeded process's `torch.initial_seed()` is a
+    random 64-bit number: the seed is taken modulo 2^63, which `manual_seed` accepts."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(base * 1_000_003 + piece)
+        torch.manual_seed((base * 1_000_003 + piece) % (1 << 63))
         yield
 
 

@@ -1,0 +1,7 @@
+"""`python -m plmscale ...` is the `plmscale` command."""
+
+import sys
+
+from plmscale.cli import main
+
+sys.exit(main())
