@@ -6,7 +6,8 @@
     plmscale export --model DIR --format hf --output DIR
     plmscale eval --teacher DIR --student DIR --shards DIR ...
 
-User errors print one line naming the file or key and exit with status 2.
+User errors print one line naming the file or key and exit with status 2; a training run stopped by the
+divergence guard (train.on_nonfinite) prints one line naming the step and exits with status 3.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from data_prep.manifest import ManifestError  # noqa: E402
 from plmscale.config import ConfigError, load_config  # noqa: E402
 
 
-def _run_training(args: argparse.Namespace) -> None:
+def _run_training(args: argparse.Namespace) -> int:
     from plmscale.parallel.distributed import world_size_from_env
 
     cfg = load_config(args.config, args.overrides)
@@ -36,10 +37,20 @@ def _run_training(args: argparse.Namespace) -> None:
         import json
 
         print(json.dumps(cfg.deepspeed_config(world_size), indent=2))
-        return
+        return 0
+    import torch.distributed as dist
+
+    from plmscale.training.guard import TrainingDiverged
     from plmscale.training.trainer import Trainer
 
-    Trainer(cfg, world_size).run()
+    try:
+        Trainer(cfg, world_size).run()
+    except TrainingDiverged as err:  # raised on every rank at the same step
+        if dist.get_rank() == 0:
+            print(f"plmscale: error: {err}", file=sys.stderr, flush=True)
+        dist.barrier()  # the launcher kills the other ranks when the first one exits
+        return 3
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except (ConfigError, UserError, ManifestError, FileNotFoundError) as err:
         print(f"plmscale: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

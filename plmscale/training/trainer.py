@@ -30,6 +30,7 @@ from plmscale.parallel.distributed import DeepSpeedMPU, Topology, all_reduce_dp,
 from plmscale.parallel.state_dict import full_state_dict, load_full_state_dict
 from plmscale.parallel.tensor_parallel import build_parallel_model
 from plmscale.training import checkpoint
+from plmscale.training.guard import DivergenceGuard, TrainingDiverged, guarded_optimizer, nonfinite_to_nan
 from plmscale.training.metrics import MetricsLogger
 
 
@@ -89,12 +90,15 @@ class Trainer:
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.model = build_parallel_model(cfg.model)
         self.distillation = self._set_up_distillation(dtype) if cfg.distill else None
+        param_groups, mpu = _param_groups(self.model, cfg.optimizer.weight_decay), DeepSpeedMPU()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model,
-            model_parameters=_param_groups(self.model, cfg.optimizer.weight_decay),
+            model_parameters=param_groups,
+            optimizer=guarded_optimizer(cfg, param_groups, mpu),
             config=ds_config,
-            mpu=DeepSpeedMPU(),
+            mpu=mpu,
         )
+        self.guard = DivergenceGuard(cfg.train, self.engine)
         self.device = device()
         self.train_data = self._batch_source(cfg.data.train_split, shuffle=True)
         self.valid_data = self._batch_source(cfg.data.valid_split, shuffle=False)
@@ -167,7 +171,8 @@ class Trainer:
         for micro, batch in enumerate(batches):
             torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, micro))
             terms = self._train_terms(batch)
-            self.engine.backward(sum(term.sum * scales[name] for name, term in terms.items()))
+            loss = sum(term.sum * scales[name] for name, term in terms.items())
+            self.engine.backward(nonfinite_to_nan(loss))
             self.engine.step()
             for name, term in terms.items():
                 sums[name] += term.sum.item()
@@ -213,6 +218,11 @@ class Trainer:
         for step in range(start, cfg.train.train_steps):
             stats = self.train_step(step)
             done = step + 1
+            try:
+                stats |= self.guard.check(done, stats["loss"])
+            except TrainingDiverged:
+                logger.close()  # ends the progress bar's line before the error is printed
+                raise
             window_steps += 1
             logger.advance()
             if done % cfg.train.log_interval == 0 or done == cfg.train.train_steps:
@@ -224,7 +234,8 @@ class Trainer:
             if done % cfg.train.eval_interval == 0 or done == cfg.train.train_steps:
                 evaluation = self.evaluate()
                 logger.log("eval", done, evaluation)
-            if done % cfg.train.save_interval == 0 or done == cfg.train.train_steps:
+            saving = done % cfg.train.save_interval == 0 or done == cfg.train.train_steps
+            if saving and not self.guard.skipping:
                 checkpoint.save(
                     self.engine, self.checkpoints, done, cfg, cfg.train.keep_checkpoints, topo.is_main
                 )
