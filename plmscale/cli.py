@@ -9,7 +9,8 @@
     plmscale generate --model DIR --prompt TEXT        continue a prompt (decoder)
     plmscale fill-mask --model DIR --text TEXT         fill the [MASK]s of a text (encoder)
 
-User errors print one line naming the file or key and exit with status 2.
+User errors print one line naming the file or key and exit with status 2; a training run stopped by the
+divergence guard (train.on_nonfinite) prints one line naming the step and exits with status 3.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from plmscale.errors import UserError  # noqa: E402
 from plmscale.manifest import ManifestError  # noqa: E402
 
 
-def _run_training(args: argparse.Namespace) -> None:
+def _run_training(args: argparse.Namespace) -> int:
     from plmscale.parallel.distributed import world_size_from_env
     from plmscale.preflight import check_launch
 
@@ -41,10 +42,20 @@ def _run_training(args: argparse.Namespace) -> None:
         import json
 
         print(json.dumps(cfg.deepspeed_config(world_size), indent=2))
-        return
+        return 0
+    import torch.distributed as dist
+
+    from plmscale.training.guard import TrainingDiverged
     from plmscale.training.trainer import Trainer
 
-    Trainer(cfg, world_size).run()
+    try:
+        Trainer(cfg, world_size).run()
+    except TrainingDiverged as err:  # raised on every rank at the same step
+        if dist.get_rank() == 0:
+            print(f"plmscale: error: {err}", file=sys.stderr, flush=True)
+        dist.barrier()  # the launcher kills the other ranks when the first one exits
+        return 3
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except (ConfigError, UserError, ManifestError, FileNotFoundError) as err:
         print(f"plmscale: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

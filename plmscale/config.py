@@ -183,8 +183,15 @@ class TrainConfig(_Strict):
         "stop", description="a non-finite loss or gradient norm skips the update or stops the run"
     )
     max_skipped_steps: int = Field(
-        10, ge=0, description="with on_nonfinite: skip, consecutive skipped steps that stop the run"
+        10, ge=1, description="with on_nonfinite: skip, consecutive skipped steps that stop the run"
     )
+    loss_spike_factor: float | None = Field(
+        None,
+        gt=1,
+        description="if set, a loss above this factor x the median loss of the last loss_spike_window "
+        "steps stops the run (the weights that made it are not saved)",
+    )
+    loss_spike_window: int = Field(100, gt=0)
     peak_flops: float = Field(
         989e12, gt=0, description="peak FLOP/s of one device, for MFU (default: H100/H200 dense bf16)"
     )
@@ -298,6 +305,12 @@ class RunConfig(_Strict):
             )
         return self.train.global_batch_size // per_step
 
+    @property
+    def guarded_optimizer(self) -> bool:
+        """ZeRO-0 in fp32 steps the bare torch optimizer, which neither reports the gradient norm nor skips
+        a non-finite update: plmscale passes its own there (plmscale/training/guard.py), which clips too."""
+        return zero_stage(self.train.deepspeed_config) == 0 and self.train.precision == "fp32"
+
     def deepspeed_config(self, world_size: int) -> dict[str, Any]:
         """The DeepSpeed JSON: the ZeRO file from ds_configs/ plus what this recipe owns."""
         grad_accum = self.check_world(world_size)
@@ -345,6 +358,9 @@ class RunConfig(_Strict):
             scheduler=scheduler,
             bf16={"enabled": self.train.precision == "bf16"},
         )
+        if self.guarded_optimizer:
+            del ds["optimizer"]
+            ds["gradient_clipping"] = 0.0
         ds.setdefault("steps_per_print", 10**9)  # plmscale logs itself
         ds.setdefault("wall_clock_breakdown", False)
         return ds

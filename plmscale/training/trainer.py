@@ -37,6 +37,7 @@ from plmscale.parallel.state_dict import full_state_dict, load_full_state_dict
 from plmscale.parallel.tensor_parallel import build_parallel_model
 from plmscale.preflight import check_data
 from plmscale.training import checkpoint
+from plmscale.training.guard import DivergenceGuard, TrainingDiverged, guarded_optimizer, nonfinite_to_nan
 from plmscale.training.metrics import MetricsLogger
 
 
@@ -95,7 +96,8 @@ class StepTotals:
             self.counts[name] += term.count
             if term.correct is not None:
                 self.correct[name] += term.correct
-        return sum(term.sum * self.scales.get(name, 1.0) for name, term in terms.items())
+        # a non-finite loss poisons the gradient, so that the optimizer skips the update (see guard.py)
+        return nonfinite_to_nan(sum(term.sum * self.scales.get(name, 1.0) for name, term in terms.items()))
 
     def reduced(self, names: list[str], contribute: bool) -> tuple[dict, dict, dict]:
         """Global (sums, counts, hits) of the terms `names` (known on every rank), from the ranks that
@@ -134,13 +136,17 @@ class Trainer:
         if cfg.train.init_from:  # imported or trained weights; a checkpoint, if any, wins on resume
             load_full_state_dict(self.model, model_dir.load_state(cfg.train.init_from))
         self.distillation = self._set_up_distillation(dtype) if cfg.distill else None
+        param_groups = _param_groups(self.model, cfg.optimizer.weight_decay)
+        mpu = self.model.mpu() if self.pipelined else DeepSpeedMPU()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model,
-            model_parameters=_param_groups(self.model, cfg.optimizer.weight_decay),
+            model_parameters=param_groups,
+            optimizer=guarded_optimizer(cfg, param_groups, mpu),
             config=ds_config,
             # a pipelined model brings its own grid of the same groups (see plmscale.parallel.distributed)
-            mpu=None if self.pipelined else DeepSpeedMPU(),
+            mpu=None if self.pipelined else mpu,
         )
+        self.guard = DivergenceGuard(cfg.train, self.engine)
         self.device = device()
         # Ranks that hold one copy of each loss value: TP rank 0 of the last stage in each pipeline.
         self.reports_loss = self.topo.is_last_stage and self.topo.tp_rank == 0
@@ -259,6 +265,11 @@ class Trainer:
         for step in range(start, cfg.train.train_steps):
             stats = self.train_step(step)
             done = step + 1
+            try:
+                stats |= self.guard.check(done, stats["loss"])
+            except TrainingDiverged:
+                logger.close()  # ends the progress bar's line before the error is printed
+                raise
             window_steps += 1
             logger.advance()
             if done % cfg.train.log_interval == 0 or done == cfg.train.train_steps:
@@ -270,7 +281,8 @@ class Trainer:
             if done % cfg.train.eval_interval == 0 or done == cfg.train.train_steps:
                 evaluation = self.evaluate()
                 logger.log("eval", done, evaluation)
-            if done % cfg.train.save_interval == 0 or done == cfg.train.train_steps:
+            saving = done % cfg.train.save_interval == 0 or done == cfg.train.train_steps
+            if saving and not self.guard.skipping:
                 checkpoint.save(
                     self.engine, self.checkpoints, done, cfg, cfg.train.keep_checkpoints, topo.is_main
                 )
