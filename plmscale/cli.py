@@ -5,6 +5,7 @@
     launch/train.sh RECIPE --distill                   distill a teacher into a smaller student
     plmscale export --model DIR --format hf --output DIR
     plmscale eval --teacher DIR --student DIR --shards DIR ...
+    plmscale plan --gpt3 175B --nodes 128                layouts that fit a cluster, fastest first
 
 User errors print one line naming the file or key and exit with status 2.
 """
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_prep_parser
     from plmscale.eval import add_eval_parser
     from plmscale.export import add_export_parser
+    from plmscale.plan import add_plan_parser
 
     parser = argparse.ArgumentParser(prog="plmscale", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=_run_training)
     add_export_parser(sub)
     add_eval_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

@@ -35,15 +35,9 @@ from plmscale.parallel.distributed import DeepSpeedMPU, Topology, all_reduce_sum
 from plmscale.parallel.pipeline import build_pipeline_model, labels_batch, pipeline_batch
 from plmscale.parallel.state_dict import full_state_dict, load_full_state_dict
 from plmscale.parallel.tensor_parallel import build_parallel_model
+from plmscale.plan import model_flops_per_token
 from plmscale.training import checkpoint
 from plmscale.training.metrics import MetricsLogger
-
-
-def flops_per_token(cfg: RunConfig) -> float:
-    """Forward + backward FLOPs per token: 6 N for the weights plus attention scores (PaLM appendix B)."""
-    m = cfg.model
-    weights = m.non_embedding_params() + m.hidden_size * m.padded_vocab_size
-    return 6 * weights + 12 * m.num_layers * m.hidden_size * cfg.data.seq_length
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -264,7 +258,7 @@ class Trainer:
             save_config(cfg, self.output / "config.yaml")
         logger = MetricsLogger(self.output, topo.is_main, start, cfg.train.train_steps)
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-        flops = flops_per_token(cfg) * tokens_per_step
+        flops = model_flops_per_token(cfg) * tokens_per_step
         self.engine.train()
         window_start, window_steps = time.perf_counter(), 0
         evaluation = {}
