@@ -1,6 +1,6 @@
 """Run on 4 processes: the bytes each rank holds for weights, gradients and optimizer state under ZeRO 0-3,
 counted from every live tensor, next to plmscale.plan's estimate, at TP 1 x DP 4, TP 2 x DP 2 and TP 4 x DP 1
-in fp32, and at TP 2 x DP 2 in bf16; and the parameters a TP=2 rank of a BERT with its pair head holds.
+in fp32, and ZeRO-1/2 at TP 2 x DP 2 in bf16; and the parameters a TP=2 rank of a BERT with its pair head holds.
 
     python -m torch.distributed.run --nproc_per_node 4 tests/dist/model_state_bytes.py OUT.json
 
@@ -14,6 +14,7 @@ import gc
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import deepspeed
@@ -51,9 +52,10 @@ def live_tensor_bytes() -> int:
     """Bytes of every tensor storage alive in this process (a storage shared by views counted once)."""
     gc.collect()
     storages = {}
-    for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor):
-            continue
+    with warnings.catch_warnings():  # isinstance() on deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
         for tensor in (obj, obj.grad):
             if tensor is None or tensor.device.type == "meta":
                 continue
@@ -108,21 +110,23 @@ def main() -> None:
             if parallel_state.model_parallel_is_initialized():
                 parallel_state.destroy_model_parallel()
             topo = init_distributed(tp)
-            for precision in ("fp32", "bf16") if tp == 2 else ("fp32",):
-                for stage in range(4):
-                    cfg = recipe(zero_config(tmp, stage), precision, topo.world_size, tensor_parallel=tp)
-                    held, left = measure(cfg, topo.world_size)
-                    numels = stage_numels(cfg.model, tp, cfg.model.num_layers, embeddings=True, head=True)
-                    estimate = model_state_bytes(
-                        numels, stage, topo.dp_size, precision == "bf16", False, PERSISTENCE
-                    )
-                    rows = [None] * topo.world_size
-                    dist.all_gather_object(rows, (held, left))
-                    report["states"].append(
-                        {"tp": tp, "dp": topo.dp_size, "precision": precision, "zero": stage,
-                         "params": sum(numels), "held": [h for h, _ in rows], "left": [x for _, x in rows],
-                         "estimate": estimate.total}
-                    )  # fmt: skip
+            runs = [("fp32", stage) for stage in range(4)]
+            if tp == 2:
+                runs += [("bf16", 1), ("bf16", 2)]
+            for precision, stage in runs:
+                cfg = recipe(zero_config(tmp, stage), precision, topo.world_size, tensor_parallel=tp)
+                held, left = measure(cfg, topo.world_size)
+                numels = stage_numels(cfg.model, tp, cfg.model.num_layers, embeddings=True, head=True)
+                estimate = model_state_bytes(
+                    numels, stage, topo.dp_size, precision == "bf16", False, PERSISTENCE
+                )
+                rows = [None] * topo.world_size
+                dist.all_gather_object(rows, (held, left))
+                report["states"].append(
+                    {"tp": tp, "dp": topo.dp_size, "precision": precision, "zero": stage,
+                     "params": sum(numels), "held": [h for h, _ in rows], "left": [x for _, x in rows],
+                     "estimate": estimate.total}
+                )  # fmt: skip
             if tp == 2:
                 cfg = recipe(zero_config(tmp, 1), "fp32", 1, kind="encoder", pair_head=True)
                 local = sum(p.numel() for p in build_parallel_model(cfg.model).parameters())
