@@ -10,7 +10,7 @@ from plmscale.plan.estimate import (
     model_state_bytes,
     parameter_count,
 )
-from plmscale.plan.search import Estimate, GiB, Planner, _stages
+from plmscale.plan.search import Estimate, GiB, Planner, pipeline_stages
 
 
 def print_plan(planner: Planner, recipe: str, top: int) -> None:
@@ -70,7 +70,7 @@ def print_plan(planner: Planner, recipe: str, top: int) -> None:
 
 def _print_memory(planner: Planner, best: Estimate) -> None:
     cfg, m, layout = planner.cfg, planner.cfg.model, best.layout
-    stages = _stages(m.num_layers, layout.pp)
+    stages = pipeline_stages(m.num_layers, layout.pp)
     numels = max((planner.stage_numels(layout, s) for s in stages), key=sum)
     per_stage = "the whole model" if layout.pp == 1 else f"the largest of {layout.pp} stages"
     print(

@@ -101,16 +101,16 @@ class Estimate:
 
 
 @dataclass(frozen=True)
-class _Stage:
+class Stage:
     first: int
     stop: int
     embeddings: bool
     head: bool
 
 
-def _stages(layers: int, pp: int) -> list[_Stage]:
+def pipeline_stages(layers: int, pp: int) -> list[Stage]:
     per = layers // pp
-    return [_Stage(i * per, (i + 1) * per, i == 0, i == pp - 1) for i in range(pp)]
+    return [Stage(i * per, (i + 1) * per, i == 0, i == pp - 1) for i in range(pp)]
 
 
 class Planner:
@@ -153,7 +153,7 @@ class Planner:
             self._cache[key] = tuple(stage_numels(self.cfg.model, tp, layers, embeddings, head))
         return self._cache[key]
 
-    def stage_numels(self, layout: Layout, stage: _Stage) -> list[int]:
+    def stage_numels(self, layout: Layout, stage: Stage) -> list[int]:
         return list(self._numels(layout.tp, stage.stop - stage.first, stage.embeddings, stage.head))
 
     def _states(self, numels: tuple[int, ...], zero: int, dp: int, pipelined: bool) -> float:
@@ -185,7 +185,7 @@ class Planner:
         pp_send = 2 * micro * seq * h * w / cl.bandwidth(tp * dp, pp) if pp > 1 else 0.0
 
         slot, compute, largest, worst = 0.0, 0.0, 0, (0.0, 0.0)
-        for index, stage in enumerate(_stages(m.num_layers, pp)):
+        for index, stage in enumerate(pipeline_stages(m.num_layers, pp)):
             layers = stage.stop - stage.first
             recomputed = checkpointed_layers(stage.first, stage.stop, layout.checkpointing)
             flops = layers * layer_flops + recomputed * recompute_flops
