@@ -8,6 +8,7 @@
     plmscale eval --teacher DIR --student DIR --shards DIR ...
     plmscale generate --model DIR --prompt TEXT        continue a prompt (decoder)
     plmscale fill-mask --model DIR --text TEXT         fill the [MASK]s of a text (encoder)
+    plmscale plan --gpt3 175B --nodes 128                layouts that fit a cluster, fastest first
 
 User errors print one line naming the file or key and exit with status 2; a training run stopped by the
 divergence guard (train.on_nonfinite) prints one line naming the step and exits with status 3.
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     from plmscale.eval import add_eval_parser
     from plmscale.export import add_export_parser, add_import_parser
     from plmscale.inference import add_inference_parsers
+    from plmscale.plan import add_plan_parser
 
     parser = argparse.ArgumentParser(prog="plmscale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('plmscale')}")
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_import_parser(sub)
     add_eval_parser(sub)
     add_inference_parsers(sub)
+    add_plan_parser(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Every shipped recipe and DeepSpeed config validates; each class of bad config is rejected by key."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +23,13 @@ def test_shipped_files_exist():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_validates(path):
     cfg = load_config(path)
-    world = (
-        2 * cfg.parallel.tensor_parallel * (cfg.train.global_batch_size // (cfg.train.micro_batch_size * 2))
-    )
+    model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
+    planned = re.search(r"^# world_size: (\d+)$", path.read_text(), re.M)  # recipes planned for a cluster
+    world = int(planned[1]) if planned else 2 * model_parallel
     ds = cfg.deepspeed_config(world)
     assert ds["train_batch_size"] == cfg.train.global_batch_size
     assert (
-        ds["train_micro_batch_size_per_gpu"]
-        * ds["gradient_accumulation_steps"]
-        * (world // cfg.parallel.tensor_parallel)
+        ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * (world // model_parallel)
         == cfg.train.global_batch_size
     )
 

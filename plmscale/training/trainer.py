@@ -35,17 +35,11 @@ from plmscale.parallel.distributed import DeepSpeedMPU, Topology, all_reduce_sum
 from plmscale.parallel.pipeline import build_pipeline_model, last_stage_loss, pipeline_batch
 from plmscale.parallel.state_dict import full_state_dict, load_full_state_dict
 from plmscale.parallel.tensor_parallel import build_parallel_model
+from plmscale.plan import hardware_flops_per_token, model_flops_per_token
 from plmscale.preflight import check_data
 from plmscale.training import checkpoint
 from plmscale.training.guard import DivergenceGuard, TrainingDiverged, guarded_optimizer, nonfinite_to_nan
 from plmscale.training.metrics import MetricsLogger
-
-
-def flops_per_token(cfg: RunConfig) -> float:
-    """Forward + backward FLOPs per token: 6 N for the weights plus attention scores (PaLM appendix B)."""
-    m = cfg.model
-    weights = m.non_embedding_params() + m.hidden_size * m.padded_vocab_size
-    return 6 * weights + 12 * m.num_layers * m.hidden_size * cfg.data.seq_length
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -258,7 +252,10 @@ class Trainer:
             save_config(cfg, self.output / "config.yaml")
         logger = MetricsLogger(self.output, topo.is_main, start, cfg.train.train_steps)
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-        flops = flops_per_token(cfg) * tokens_per_step
+        flops = model_flops_per_token(cfg) * tokens_per_step
+        # hardware FLOPs count the forward passes that activation checkpointing repeats
+        hardware_flops = hardware_flops_per_token(cfg) * tokens_per_step
+        peak = cfg.train.peak_flops * topo.world_size
         self.engine.train()
         window_start, window_steps = time.perf_counter(), 0
         evaluation = {}
@@ -276,6 +273,9 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 stats["tokens_per_s"] = tokens_per_step * window_steps / elapsed
                 stats["flops_per_s"] = flops * window_steps / elapsed
+                stats["mfu"] = stats["flops_per_s"] / peak
+                if cfg.train.activation_checkpointing:
+                    stats["hfu"] = hardware_flops * window_steps / elapsed / peak
                 logger.log("train", done, stats)
                 window_start, window_steps = time.perf_counter(), 0
             if done % cfg.train.eval_interval == 0 or done == cfg.train.train_steps:
