@@ -37,9 +37,13 @@ def _run_training(args: argparse.Namespace) -> None:
 
         print(json.dumps(cfg.deepspeed_config(world_size), indent=2))
         return
+    from plmscale.training.checkpoint import CheckpointError
     from plmscale.training.trainer import Trainer
 
-    Trainer(cfg, world_size).run()
+    try:
+        Trainer(cfg, world_size).run()
+    except CheckpointError as err:  # a user error too, found only once the process group is up
+        raise UserError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
