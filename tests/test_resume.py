@@ -1,11 +1,11 @@
 """Kill -9 a 2-rank run at moment after moment of its checkpoint saves, resuming it each time: every resume
 continues from a complete checkpoint, and the run ends with the uninterrupted run's losses, bit for bit."""
 
-import json
 import os
 import signal
 import subprocess
 import time
+import zipfile
 
 import pytest
 from conftest import REPO, launch, launch_command, read_metrics, tiny_recipe, write_recipe
@@ -48,9 +48,9 @@ def _state(ckpts, tag, previous) -> dict:
     tag_dir = ckpts / tag
     try:
         fresh = tag_dir.is_dir() and not (tag_dir / LEFTOVER).exists()
-        files = {p.name: p.stat().st_size for p in tag_dir.glob("*.pt")} if fresh else {}
+        files = sorted(p.name for p in tag_dir.glob("*.pt")) if fresh else []
     except FileNotFoundError:  # removed while listed: the save's clean-up of a leftover
-        fresh, files = False, {}
+        fresh, files = False, []
     latest = ckpts / "latest"
     return {
         "dir": fresh,
@@ -68,21 +68,27 @@ def _reached(moment: int, s: dict) -> bool:
     )[moment]  # fmt: skip
 
 
-def _describe(s: dict, whole: dict) -> str:
+def _whole(tag_dir) -> dict[str, bool]:
+    """Each torch file of a tag directory, and whether it is whole: a zip archive with its central
+    directory, which torch writes last (a file cut short has none)."""
+    return {p.name: zipfile.is_zipfile(p) for p in sorted(tag_dir.glob("*.pt"))}
+
+
+def _describe(s: dict, tag_dir, expected: int) -> str:
     """What the kill left of the save, e.g. `2/3 files (1 partial), no record`."""
-    partial = sum(size != whole[name]["bytes"] for name, size in s["files"].items())
     if s["latest"]:
         return "published, " + ("previous removed" if s["previous_gone"] else "previous still there")
     if s["record"]:
         return "complete.json written, latest not yet"
-    return f"{len(s['files'])}/{len(whole)} files ({partial} partial), no record"
+    partial = sum(not whole for whole in _whole(tag_dir).values()) if s["dir"] else 0
+    return f"{len(s['files'])}/{expected} files ({partial} partial), no record"
 
 
 def _kill_at(recipe, ckpts, moment, log, timeout=300) -> dict:
     """Starts the run and SIGKILLs its whole process group once the save after its resume point reaches
-    `moment`; returns what it had reached then, and where it resumed from with that checkpoint's files."""
+    `moment`; returns where it resumed from, with that checkpoint's files, and what the save had reached."""
     resume = _newest_recorded(ckpts)
-    resumed_files = {p.name: p.stat().st_size for p in (ckpts / tag_for(resume)).glob("*.pt")}
+    resumed_files = _whole(ckpts / tag_for(resume))
     target, previous = tag_for(resume + 1), tag_for(resume) if resume else None
     if (ckpts / target).is_dir():
         (ckpts / target / LEFTOVER).touch()
@@ -98,11 +104,12 @@ def _kill_at(recipe, ckpts, moment, log, timeout=300) -> dict:
             time.sleep(0.002)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    state = _state(ckpts, target, previous)
     return {
         "resume": resume,
         "files": resumed_files,
         "target": target,
-        "state": _state(ckpts, target, previous),
+        "left": _describe(state, ckpts / target, 3),
     }
 
 
@@ -113,12 +120,9 @@ def _resumed_from(log_text: str, ckpts, resume: int) -> bool:
 
 
 def test_kills_during_saves_resume_from_complete_checkpoints_with_identical_losses(shards, tmp_path):
-    straight, killed = tmp_path / "run_a", tmp_path / "run_b"  # same length: same checkpoint sizes
-    launch(_recipe(shards, straight, tmp_path, keep=STEPS))
-    records = {
-        d.name: json.loads((d / "complete.json").read_text())["files"]
-        for d in (straight / "checkpoints").glob("step_*")
-    }
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    launch(_recipe(shards, straight, tmp_path, keep=1))
+    names = sorted(_whole(straight / "checkpoints" / tag_for(STEPS)))
     recipe, ckpts = _recipe(shards, killed, tmp_path, keep=1), killed / "checkpoints"
 
     hits = []
@@ -127,14 +131,13 @@ def test_kills_during_saves_resume_from_complete_checkpoints_with_identical_loss
         log = tmp_path / f"kill{kill:02d}.log"
         hit = _kill_at(recipe, ckpts, moment, log)
         assert _resumed_from(log.read_text(), ckpts, hit["resume"]), log.read_text()[-3000:]
-        if hit["resume"]:  # what it resumed from was whole: every file of the uninterrupted run's size
-            whole = records[tag_for(hit["resume"])]
-            assert hit["files"] == {name: entry["bytes"] for name, entry in whole.items()}
-        hits.append((MOMENTS[moment], hit["target"], _describe(hit["state"], records[hit["target"]])))
+        if hit["resume"]:  # what it resumed from was whole: every rank's file, none cut short
+            assert hit["files"] == dict.fromkeys(names, True), hit
+        hits.append((MOMENTS[moment], hit["target"], hit["left"]))
 
-    out = launch(recipe)
-    assert _resumed_from(out, ckpts, _newest_recorded(ckpts))
     print("\n".join(f"kill {i:2d}: {when:40s} {tag}: {left}" for i, (when, tag, left) in enumerate(hits)))
+    resume = _newest_recorded(ckpts)
+    assert _resumed_from(launch(recipe), ckpts, resume)
     assert len({(when, tag) for when, tag, _ in hits}) == KILLS
     assert sorted(p.name for p in ckpts.glob("step_*")) == [tag_for(STEPS)]  # leftovers and old ones rotated
 

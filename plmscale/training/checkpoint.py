@@ -55,7 +55,7 @@ def save(engine, directory: Path, step: int, config: RunConfig, keep: int, is_ma
     newest `keep` complete checkpoints."""
     tag = tag_for(step)
     tag_dir = directory / tag
-    if is_main and tag_dir.exists():  # an interrupted save of this step, before the resumed-from one
+    if is_main and tag_dir.exists():  # this step's save, interrupted by a kill that resume went back past
         shutil.rmtree(tag_dir)
     dist.barrier()
     client_state = {
@@ -119,9 +119,9 @@ def resume(engine, directory: Path, config: RunConfig) -> int:
     with weights_only_loading():
         try:
             path, client_state = engine.load_checkpoint(str(directory), tag=tag_dir.name)
-        except pickle.UnpicklingError as err:
-            reason = str(err).splitlines()[0]
-            raise CheckpointError(f"{tag_dir}: holds a pickled object that is not data ({reason})") from None
+        except pickle.UnpicklingError as err:  # torch's reason is the paragraph after its preamble
+            reason = next((part.strip() for part in str(err).split("\n\n")[1:] if part.strip()), str(err))
+            raise CheckpointError(f"{tag_dir}: holds a pickled object that is not data: {reason}") from None
     if path is None:
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it")
     _check_same_run(tag_dir, client_state["config"], config.model_dump(mode="json"))
@@ -215,6 +215,8 @@ def _incomplete(tag_dir: Path) -> str | None:
     try:
         record = json.loads((tag_dir / RECORD).read_text())
         sizes = {name: int(entry["bytes"]) for name, entry in record["files"].items()}
+        if not all(len(entry["sha256"]) == 64 for entry in record["files"].values()):
+            raise ValueError("a file without its sha256")
     except FileNotFoundError:
         return f"no {RECORD}: its save was interrupted"
     except (ValueError, KeyError, TypeError, AttributeError) as err:
