@@ -46,6 +46,7 @@ def _run_training(args: argparse.Namespace) -> int:
         return 0
     import torch.distributed as dist
 
+    from plmscale.training.checkpoint import CheckpointError
     from plmscale.training.guard import TrainingDiverged
     from plmscale.training.trainer import Trainer
 
@@ -56,6 +57,8 @@ def _run_training(args: argparse.Namespace) -> int:
             print(f"plmscale: error: {err}", file=sys.stderr, flush=True)
         dist.barrier()  # the launcher kills the other ranks when the first one exits
         return 3
+    except CheckpointError as err:  # a user error too, found only once the process group is up
+        raise UserError(str(err)) from None
     return 0
 
 

@@ -4,6 +4,9 @@ model.safetensors   full (unsharded) fp32 weights, parameter names of `Transform
 config.yaml         the run config that produced it (its `model` section rebuilds the network)
 tokenizer.model     the SentencePiece model the data was tokenized with (absent for a model imported without one)
 meta.json           step, tokens seen, final validation metrics (or where an imported model came from)
+
+Nothing in it is unpickled, so loading one never runs code: weights are safetensors, the config is read
+with yaml.safe_load (a python/* tag is an error), the rest is JSON and SentencePiece's protobuf.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from pathlib import Path
 
 import torch
 import yaml
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from plmscale.config import ModelConfig, RunConfig, save_config
+from plmscale.config import ConfigError, ModelConfig, RunConfig, save_config
 from plmscale.model import TransformerLM
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.yaml", "tokenizer.model", "meta.json"
@@ -43,7 +47,11 @@ def load_run_config(directory: str | Path) -> RunConfig:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a plmscale model directory (no {CONFIG})")
-    return RunConfig.model_validate(yaml.safe_load(path.read_text()))
+    try:
+        return RunConfig.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValidationError) as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not a run config written by plmscale ({reason})") from None
 
 
 def load_state(directory: str | Path) -> dict[str, torch.Tensor]:

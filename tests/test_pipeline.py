@@ -4,11 +4,23 @@ process for GPT, BERT-MLM and BERT-MLM+NSP; a pipelined run resumes exactly and 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+
 import pytest
 import torch
-from conftest import REPO, launch, read_metrics, tiny_recipe, write_recipe
+from conftest import (
+    REPO,
+    launch,
+    launch_command,
+    read_metrics,
+    tiny_recipe,
+    unlink_shared_memory,
+    write_recipe,
+)
 from test_pair_objectives import PAIR_MODEL, instance_sets  # noqa: F401 - the module fixture
-from test_resume import _kill_after_checkpoint
 
 from plmscale.config import ConfigError, ModelConfig, load_config
 from plmscale.model import TransformerLM
@@ -167,6 +179,23 @@ def test_pipeline_layouts_train_like_one_process(shards, instance_sets, tmp_path
         assert max((gathered[k] - weights[k]).abs().max().item() for k in weights) < 1e-5, layout
 
 
+def _kill_after_checkpoint(recipe, output, step: int, timeout: int = 900) -> None:
+    """Starts a 2-process run and SIGKILLs its launcher's process group once checkpoint `step` is published."""
+    command = launch_command(recipe, 2)
+    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    latest, deadline = output / "checkpoints" / "latest", time.monotonic() + timeout
+    while not (latest.is_file() and latest.read_text().strip() == f"step_{step:08d}"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the run ended or stalled before publishing its first checkpoint")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    unlink_shared_memory(command)
+    assert not (output / "model").exists(), "the run finished before it could be killed"
+
+
 @pytest.mark.distributed
 def test_killed_pipelined_run_resumes_with_identical_losses(shards, instance_sets, tmp_path):  # noqa: F811
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -179,7 +208,7 @@ def test_killed_pipelined_run_resumes_with_identical_losses(shards, instance_set
         return write_recipe(tmp_path / f"{name}.yaml", r)
 
     launch(recipe(straight, "straight"), nprocs=2)
-    _kill_after_checkpoint(recipe(killed, "killed"), killed)
+    _kill_after_checkpoint(recipe(killed, "killed"), killed, step=6)
     launch(recipe(killed, "killed"), nprocs=2)
     expected, resumed = read_metrics(straight), read_metrics(killed)
     assert sorted(resumed) == list(range(1, 13))
