@@ -59,9 +59,9 @@ def test_nonfinite_step_is_skipped_bitwise_on_every_zero_stage(shards, tmp_path)
         for rank, r in enumerate(ranks):
             where = f"{layout} rank {rank}"
             assert r["lr_of_poisoned_step"] > 0, where  # so an applied update would have moved the weights
-            assert r["loss_of_poisoned_step"] == (math.inf if rank == 1 else pytest.approx(7.6, abs=0.2)), (
-                where
-            )
+            # the reported loss is one copy per tensor-parallel group (rank 0's); rank 1's +inf shows in
+            # the skipped update only
+            assert r["loss_of_poisoned_step"] == pytest.approx(7.6, abs=0.2), where
             assert (
                 not r["applied"] and r["skipped_steps"] == 1 and r["grad_norm_of_poisoned_step"] == math.inf
             )

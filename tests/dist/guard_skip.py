@@ -66,15 +66,15 @@ def check(recipe: str, ds_file: str, precision: str) -> dict:
     trainer = Trainer(cfg, world_size_from_env())
     reference_norms = full_grad_norm(trainer) if cfg.guarded_optimizer else None
     poison = [False]
-    train_terms = trainer._train_terms
+    train_terms = trainer.totals.terms  # the loss terms of every micro-batch
 
-    def terms_with_infinite_loss(batch):
-        terms = train_terms(batch)
+    def terms_with_infinite_loss(outputs, batch, count_correct):
+        terms = train_terms(outputs, batch, count_correct)
         if poison[0] and dist.get_rank() == 1:  # + inf: the loss is not finite, its gradients are
             terms = {name: term._replace(sum=term.sum + math.inf) for name, term in terms.items()}
         return terms
 
-    trainer._train_terms = terms_with_infinite_loss
+    trainer.totals.terms = terms_with_infinite_loss
     engine = trainer.engine
     trainer.train_step(0)
     first_norm = float(engine.get_global_grad_norm())
