@@ -27,6 +27,7 @@ from plmscale.objectives import get_objective
 from plmscale.parallel.distributed import DeepSpeedMPU, init_distributed
 from plmscale.parallel.tensor_parallel import build_parallel_model
 from plmscale.plan.estimate import model_state_bytes, stage_numels
+from plmscale.training.guard import guarded_optimizer
 from plmscale.training.trainer import _param_groups
 
 BUCKET = 10_000  # elements of DeepSpeed's reduction bucket (shipped configs: 5e7)
@@ -71,11 +72,13 @@ def measure(cfg: RunConfig, world: int) -> tuple[int, int]:
     baseline = live_tensor_bytes()
     torch.manual_seed(0)
     model = build_parallel_model(cfg.model)
-    engine = deepspeed.initialize(
+    param_groups, mpu = _param_groups(model, cfg.optimizer.weight_decay), DeepSpeedMPU()
+    engine = deepspeed.initialize(  # as the trainer does (ZeRO-0 fp32: plmscale's guarded AdamW)
         model=model,
-        model_parameters=_param_groups(model, cfg.optimizer.weight_decay),
+        model_parameters=param_groups,
+        optimizer=guarded_optimizer(cfg, param_groups, mpu),
         config=cfg.deepspeed_config(world),
-        mpu=DeepSpeedMPU(),
+        mpu=mpu,
     )[0]
     generator = torch.Generator().manual_seed(parallel_state.get_data_parallel_rank())
     for micro in range(ACCUMULATION + 1):  # a whole step, then the first micro-step of the next
@@ -88,7 +91,7 @@ def measure(cfg: RunConfig, world: int) -> tuple[int, int]:
             engine.step()
     held = live_tensor_bytes() - baseline
     engine.destroy()  # removes DeepSpeed's hooks, which would keep this engine's tensors alive
-    del engine, model
+    del engine, model, param_groups
     return held, live_tensor_bytes() - baseline
 
 
