@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError, ManifestError, FileNotFoundError) as err:
         print(f"plmscale: error: {err}", file=sys.stderr)
         return 2
-    return status or 0
+    # only training returns an exit status; other commands return what they computed, or nothing
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
