@@ -221,7 +221,8 @@ class PhaseTimer:
 
 
 def plmscale_side(shape: Shape, shards: Path, args) -> dict:
-    from plmscale.training.trainer import Trainer, flops_per_token
+    from plmscale.plan import model_flops_per_token
+    from plmscale.training.trainer import Trainer
 
     phase_steps = 3
     vocab = shard_vocab(shards)
@@ -242,7 +243,7 @@ def plmscale_side(shape: Shape, shards: Path, args) -> dict:
         whole = (time.perf_counter() - start) / phase_steps
         phases = {name: total / phase_steps for name, total in timer.totals.items()}
         phases["other"] = whole - sum(phases.values())
-    return result | {"phases": phases, "flops_per_token": flops_per_token(cfg)}
+    return result | {"phases": phases, "flops_per_token": model_flops_per_token(cfg)}
 
 
 def profile(run, rows: int) -> None:
