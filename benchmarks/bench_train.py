@@ -1,7 +1,7 @@
 """Training speed: plmscale's real step against the Hugging Face model of the same shape, and per layout.
 
-Side by side, in one run: plmscale's `Trainer` (built in this process's child, one rank: DeepSpeed ZeRO-1,
-torch AdamW, clipping 1.0; fp32 on CPU, bf16 on an accelerator) trains on real shards built here from the
+Side by side, in one run: plmscale's `Trainer` (built in this process's child, one rank: DeepSpeed ZeRO-1 or
+--zero N, torch AdamW, clipping 1.0; fp32 on CPU, bf16 on an accelerator) trains on real shards built from the
 embedded corpus; the peer is the `transformers` class of the same shape in a plain torch loop (fp32 weights,
 bf16 autocast on an accelerator, AdamW fused there, clipping 1.0, random tokens, 15 % MLM labels):
 `GPT2LMHeadModel` for the decoder and, for the encoder, both `MegatronBertForMaskedLM` (exactly plmscale's
@@ -167,7 +167,7 @@ def matmul_peak() -> float:
 # --------------------------------------------------------------------------------------- plmscale
 
 
-def run_config(shape: Shape, shards: Path, vocab: int, output: Path, steps: int):
+def run_config(shape: Shape, shards: Path, vocab: int, output: Path, steps: int, zero: int = 1):
     from plmscale.config import RunConfig
 
     return RunConfig.model_validate(
@@ -184,7 +184,7 @@ def run_config(shape: Shape, shards: Path, vocab: int, output: Path, steps: int)
                 "grad_clip": CLIP,
             },
             "train": {
-                "deepspeed_config": str(REPO / "ds_configs" / "zero1.json"),
+                "deepspeed_config": str(REPO / "ds_configs" / f"zero{zero}.json"),
                 "micro_batch_size": shape.micro, "global_batch_size": shape.micro, "train_steps": steps,
                 "precision": "fp32" if on_cpu() else "bf16", "output_dir": str(output),
             },
@@ -227,7 +227,9 @@ def plmscale_side(shape: Shape, shards: Path, args) -> dict:
     phase_steps = 3
     vocab = shard_vocab(shards)
     with tempfile.TemporaryDirectory() as output:
-        cfg = run_config(shape, shards, vocab, Path(output), args.warmup + args.steps + phase_steps)
+        cfg = run_config(
+            shape, shards, vocab, Path(output), args.warmup + args.steps + phase_steps, args.zero
+        )
         trainer = Trainer(cfg, 1)
         trainer.engine.train()
         result = timed_steps(trainer.train_step, args.warmup, args.steps)
@@ -350,7 +352,7 @@ def run_worker(side: str, shapes: list[Shape], shards: Path, args) -> dict:
         sys.executable, __file__, "--worker", side, "--shards", str(shards),
         "--shapes", json.dumps([asdict(s) for s in shapes]),
         "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile", str(args.profile),
-        "--threads", str(args.threads),
+        "--threads", str(args.threads), "--zero", str(args.zero),
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -472,6 +474,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--repeat", type=int, default=3, help="runs per side; the fastest counts")
+    parser.add_argument(
+        "--zero", type=int, default=1, choices=range(4), help="plmscale's ds_configs/zeroN.json"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (default: torch's)")
     parser.add_argument("--profile", type=int, default=0, help="print this many of the profiler's top ops")
     parser.add_argument("--worker", choices=["plmscale", "peer"], help=argparse.SUPPRESS)
