@@ -30,10 +30,12 @@ def check_same_tokenizer(model_dir: Path, shards_dir: str | Path) -> None:
         )
 
 
-def full_forward(objective, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def full_forward(
+    objective, batch: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Forward arguments without `target_mask`, so the timed pass is deployment's: logits everywhere."""
     inputs = objective.model_inputs(batch)
-    return inputs, inputs.pop("target_mask")
+    return inputs, inputs.pop("target_mask", None)
 
 
 def evaluate(
@@ -72,7 +74,8 @@ def evaluate(
             start = time.perf_counter()
             logits = model(**inputs)
             seconds += time.perf_counter() - start
-            logits = logits[target_mask]  # the rows the head gives with `target_mask`, in the same order
+            # the rows the head gives with `target_mask`, in the same order
+            logits = logits.flatten(0, -2) if target_mask is None else logits[target_mask]
             batch_sum, count = objective.loss(logits, batch, model.spec)
             predicted = model.spec.gather_logits(logits).argmax(-1)
             loss_sum += float(batch_sum)

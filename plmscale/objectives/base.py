@@ -63,19 +63,27 @@ class Objective:
 
     @staticmethod
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Forward arguments; the head runs at target positions only (see `TransformerLM.forward`)."""
+        """Forward arguments; the head runs at the positions of `target_mask` only (see
+        `TransformerLM.forward`), or everywhere when every position is a target (causal LM): then there
+        is nothing to index, and no device-to-host synchronization for the size of a boolean selection.
+        Called on the batch before it moves to the device, the check costs nothing."""
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        return inputs | {"target_mask": batch["labels"] != IGNORE_INDEX}
+        target_mask = batch["labels"] != IGNORE_INDEX
+        return inputs if bool(target_mask.all()) else inputs | {"target_mask": target_mask}
 
     @staticmethod
-    def targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Labels at the target positions, in the order of the model's output rows."""
+    def targets(batch: dict[str, torch.Tensor], logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Labels in the order of the logits' rows: those at the target positions ([targets, vocab]
+        logits), or all of them when the head ran at every position ([batch, seq, vocab] logits, which
+        `model_inputs` asks for only when every position is a target)."""
         labels = batch["labels"]
+        if logits is not None and logits.dim() == labels.dim() + 1:
+            return labels
         return labels[labels != IGNORE_INDEX]
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], spec) -> tuple[torch.Tensor, int]:
         """(summed token loss, number of targets) from vocabulary-shard logits at the target positions."""
-        targets = self.targets(batch)
+        targets = self.targets(batch, logits)
         return spec.cross_entropy(logits, targets).sum(), targets.numel()
 
     def token_term(
@@ -86,7 +94,7 @@ class Objective:
         loss_sum, count = self.loss(logits, batch, spec)
         if not count_correct:
             return LossTerm(loss_sum, count)
-        hits = spec.gather_logits(logits).argmax(-1) == self.targets(batch)
+        hits = spec.gather_logits(logits).argmax(-1) == self.targets(batch, logits)
         return LossTerm(loss_sum, count, int(hits.sum()))
 
     def loss_terms(

@@ -73,7 +73,8 @@ def pipeline_batch(objective: Objective, batch: dict[str, torch.Tensor]) -> tupl
     inputs = objective.model_inputs(batch)
     first = tuple(inputs.get(key, _ABSENT) for key in ("input_ids", "attention_mask", "token_type_ids"))
     labels = tuple(batch.get(key, _ABSENT) for key in _LABEL_FIELDS)
-    return first + (inputs["target_mask"].long(),), labels
+    target_mask = inputs["target_mask"].long() if "target_mask" in inputs else _ABSENT
+    return first + (target_mask,), labels
 
 
 def labels_batch(labels: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:

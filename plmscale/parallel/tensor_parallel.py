@@ -19,7 +19,7 @@ from torch import nn
 
 from plmscale.config import ModelConfig
 from plmscale.model import TransformerLM
-from plmscale.model.layers import normal_init
+from plmscale.model.layers import LocalLayers, normal_init
 
 
 class _Column(ColumnParallelLinear):
@@ -109,6 +109,8 @@ class MegatronLayers:
         )
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.group.size() == 1:  # the whole vocabulary here: torch's fused kernel, no copy
+            return LocalLayers.cross_entropy(self, logits, labels)
         # megatron-core works on the logits in place; hand it a copy so callers can still use theirs
         return vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), labels)
 

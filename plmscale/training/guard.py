@@ -85,8 +85,9 @@ def guarded_optimizer(cfg: RunConfig, param_groups: list[dict], mpu) -> GuardedA
         return None
     o = cfg.optimizer
     return GuardedAdamW(
-        param_groups, mpu, o.grad_clip, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
-    )
+        param_groups, mpu, o.grad_clip, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+        fused=True,  # as DeepSpeed's torch AdamW (RunConfig.deepspeed_config)
+    )  # fmt: skip
 
 
 def nonfinite_to_nan(loss: torch.Tensor) -> torch.Tensor:

@@ -179,8 +179,10 @@ class Trainer:
         teacher.to(device=device(), dtype=dtype)
         return DistillationLoss(teacher, self.objective, d.temperature, d.alpha)
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    def _to_device(self, batch: dict) -> dict:
+        return {
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+        }
 
     def _terms(self, outputs, batch: dict[str, torch.Tensor], count_correct: bool) -> dict[str, LossTerm]:
         if self.distillation and self.model.training:  # one term: pair objectives are not distilled
@@ -202,13 +204,14 @@ class Trainer:
                 )
             return
         for micro, batch in enumerate(batches):
+            inputs = self._to_device(self.objective.model_inputs(batch))  # targets found on the host
             batch = self._to_device(batch)
             if train:
                 torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, micro))
-                self.engine.backward(self.totals(self.engine(**self.objective.model_inputs(batch)), batch))
+                self.engine.backward(self.totals(self.engine(**inputs), batch))
                 self.engine.step()
             else:
-                self.totals(self.engine(**self.objective.model_inputs(batch)), batch)
+                self.totals(self.engine(**inputs), batch)
 
     def train_step(self, step: int) -> dict[str, float]:
         # Every rank reads its data-parallel slice (a middle pipeline stage only counts its targets).
