@@ -5,6 +5,7 @@
     launch/train.sh RECIPE --distill                   distill a teacher into a smaller student
     plmscale export --model DIR --format hf --output DIR
     plmscale eval --teacher DIR --student DIR --shards DIR ...
+    plmscale checkpoint info|convert RUN_DIR          a run's checkpoints; their layout-free state
 
 User errors print one line naming the file or key and exit with status 2.
 """
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_prep_parser
     from plmscale.eval import add_eval_parser
     from plmscale.export import add_export_parser
+    from plmscale.training.checkpoint_tool import add_checkpoint_parser
 
     parser = argparse.ArgumentParser(prog="plmscale", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=_run_training)
     add_export_parser(sub)
     add_eval_parser(sub)
+    add_checkpoint_parser(sub)
     return parser
 
 
