@@ -29,7 +29,7 @@ from plmscale.cli import main
 from plmscale.config import ConfigError
 from plmscale.preflight import check_launch
 from plmscale.training import reshard
-from plmscale.training.layout import DIRECTORY, META
+from plmscale.training.layout import DIRECTORY, META, resume_line
 
 pytestmark = pytest.mark.distributed
 
@@ -191,8 +191,9 @@ def test_convert_rebuilds_the_layout_free_state_from_deepspeeds_files(chains, tm
 
 
 def test_what_may_not_change_is_refused_naming_the_key(chains, shards, instance_sets, tmp_path):  # noqa: F811
-    """Before launch: a checkpoint saved in another layout without its tensors. At resume (one process):
-    a key that fixes the run (here the global batch) may not change, though the layout may."""
+    """Before launch: a checkpoint saved in another layout without its tensors; bf16 with ZeRO-0, whose fp32
+    masters DeepSpeed keeps out of reach. At resume (one process): a key that fixes the run (here the global
+    batch) may not change, though the layout may."""
     source, _ = chains("gpt")["pp2"]
     run, tag = tmp_path / "run", "step_00000004"  # saved by the TP1 x PP2 x DP1 ZeRO-1 link
     shutil.copytree(source / "checkpoints" / tag, run / "checkpoints" / tag)
@@ -205,7 +206,14 @@ def test_what_may_not_change_is_refused_naming_the_key(chains, shards, instance_
                                           r"run `plmscale checkpoint convert` on it with 2 processes"):  # fmt: skip
         check_launch(write_recipe(tmp_path / "r.yaml", recipe), world_size=4)
     own_layout = _recipe(shards, instance_sets, run, "gpt", PP2, "zero1")
-    check_launch(write_recipe(tmp_path / "own.yaml", own_layout), world_size=2)  # needs no tensors
+    config = check_launch(write_recipe(tmp_path / "own.yaml", own_layout), world_size=2)  # needs no tensors
+    assert resume_line(run / "checkpoints" / tag, 4, config, 2) == (
+        "resumed from step_00000004 (step 4) in its layout TP1 x PP2 x DP1 ZeRO-1; gradient accumulation 4"
+    )
+    bf16 = _recipe(shards, instance_sets, tmp_path / "new", "gpt", {}, "zero0")
+    bf16["train"]["precision"] = "bf16"  # DeepSpeed's FP16 optimizer: fp32 masters out of reach
+    with pytest.raises(ConfigError, match="train.reshardable_checkpoints: with precision bf16 and ZeRO-0"):
+        check_launch(write_recipe(tmp_path / "bf16.yaml", bf16), world_size=2)
     meta_path.write_text(json.dumps(meta))
 
     recipe["train"]["global_batch_size"] = 32

@@ -103,9 +103,21 @@ def latest_checkpoint(config: RunConfig) -> Path | None:
     return checkpoints / latest.read_text().strip() if latest.is_file() else None
 
 
-def check_resumable(config: RunConfig, world_size: int) -> None:
-    """Before launch: a run that resumes from a checkpoint saved in another layout needs that checkpoint's
-    layout-free tensors."""
+def check_layout_free(config: RunConfig, world_size: int) -> None:
+    """Before launch: the layout-free state can be written (DeepSpeed runs bf16 without ZeRO or pipeline
+    stages through its FP16 optimizer, whose fp32 masters are not reachable by parameter), and a run that
+    resumes from a checkpoint saved in another layout has that checkpoint's layout-free tensors."""
+    if (
+        config.train.reshardable_checkpoints
+        and config.train.precision == "bf16"
+        and zero_stage(config.train.deepspeed_config) == 0
+        and config.parallel.pipeline_parallel == 1
+    ):
+        raise ConfigError(
+            "train.reshardable_checkpoints: with precision bf16 and ZeRO-0 DeepSpeed keeps fp32 master weights "
+            "that plmscale cannot gather by parameter; use ZeRO-1 (ds_configs/zero1.json) or set "
+            "train.reshardable_checkpoints: false"
+        )
     tag_dir = latest_checkpoint(config)
     meta = read_meta(tag_dir) if tag_dir else None
     if meta is None or meta["tensors"]:

@@ -101,6 +101,7 @@ def _write_tensors(engine, out: Path) -> list[str]:
         parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
     )
     params = list(_own_parameters(engine.module))
+    _check_reachable(params)
     _link_moments(engine)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +151,16 @@ def _local_state(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
     return value.detach().float().reshape(param.ds_shape if hasattr(param, "ds_id") else param.shape)
 
 
+def _check_reachable(params) -> None:
+    """Every fp32 master is DeepSpeed's (ZeRO, BF16 optimizer) or the parameter itself (ZeRO-0 in fp32)."""
+    for name, param in params:
+        if not (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping") or param.dtype == torch.float32):
+            raise ConfigError(  # refused before launch too: layout.check_layout_free
+                f"{name}: with precision bf16 and ZeRO-0 DeepSpeed's fp32 master weights cannot be reached by "
+                "parameter; use ZeRO-1 or train.reshardable_checkpoints: false"
+            )
+
+
 def _is_tensor_parallel(param: torch.nn.Parameter) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
@@ -176,6 +187,7 @@ def load(engine, tag_dir: Path) -> dict:
             raise ValueError(
                 f"{out / name}: {actual} bytes on disk, {size} written: the checkpoint is damaged"
             )
+    _check_reachable(named_model_parameters(engine.module))
     optimizer = _base_optimizer(engine)
     _create_adam_state(engine)
     _link_moments(engine)
