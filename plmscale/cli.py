@@ -9,6 +9,7 @@
     plmscale generate --model DIR --prompt TEXT        continue a prompt (decoder)
     plmscale fill-mask --model DIR --text TEXT         fill the [MASK]s of a text (encoder)
     plmscale plan --gpt3 175B --nodes 128                layouts that fit a cluster, fastest first
+    plmscale checkpoint info|convert RUN_DIR          a run's checkpoints; their layout-free state
 
 User errors print one line naming the file or key and exit with status 2; a training run stopped by the
 divergence guard (train.on_nonfinite) prints one line naming the step and exits with status 3.
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     from plmscale.export import add_export_parser, add_import_parser
     from plmscale.inference import add_inference_parsers
     from plmscale.plan import add_plan_parser
+    from plmscale.training.checkpoint_tool import add_checkpoint_parser
 
     parser = argparse.ArgumentParser(prog="plmscale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('plmscale')}")
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_inference_parsers(sub)
     add_plan_parser(sub)
+    add_checkpoint_parser(sub)
     return parser
 
 

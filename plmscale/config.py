@@ -173,6 +173,11 @@ class TrainConfig(_Strict):
     eval_batches: int = Field(8, gt=0)
     save_interval: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    reshardable_checkpoints: bool = Field(
+        True,
+        description="also save each checkpoint's layout-free state (plmscale/training/reshard.py), so that "
+        "the run can resume at another TP x PP x DP or ZeRO stage; costs a gather and ~12 bytes a parameter",
+    )
     activation_checkpointing: int = Field(
         0,
         ge=0,

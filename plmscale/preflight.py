@@ -23,6 +23,7 @@ from plmscale.config import ConfigError, RunConfig, load_config, load_deepspeed_
 from plmscale.manifest import ManifestError, load_manifest, tokenizer_path
 from plmscale.objectives import get_objective
 from plmscale.tokenizer import file_sha256
+from plmscale.training.layout import check_layout_free
 
 
 def check_launch(
@@ -39,6 +40,7 @@ def check_launch(
         shards = check_data(cfg, verify=cfg.data.verify_checksums)
         check_teacher(cfg, shards)
         check_output_dir(cfg)
+        check_layout_free(cfg, world_size)  # h-reshard: another layout needs the layout-free state
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return cfg

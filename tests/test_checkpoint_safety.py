@@ -188,7 +188,7 @@ def test_a_resume_past_an_incomplete_checkpoint_continues_the_run(shards, traine
     """The newest checkpoint truncated, the run resumes from step 2 and writes what the run wrote."""
     os.truncate(run / "checkpoints" / "step_00000003" / OPTIM, 1000)
     out = launch(_recipe(shards, run, steps=STEPS))
-    assert f"resuming from {run / 'checkpoints' / 'step_00000002'} (step 2)" in out
+    assert f"resumed from {run / 'checkpoints' / 'step_00000002'} (step 2)" in out
     resumed, straight = read_metrics(run)[STEPS], read_metrics(trained)[STEPS]
     assert (resumed["loss"], resumed["lr"]) == (straight["loss"], straight["lr"])
 

@@ -125,8 +125,8 @@ def _kill_at(recipe, ckpts, moment, log, timeout=300) -> dict:
 
 def _resumed_from(log_text: str, ckpts, resume: int) -> bool:
     if resume == 0:
-        return "resuming from" not in log_text
-    return f"plmscale: resuming from {ckpts / tag_for(resume)} (step {resume})" in log_text
+        return "resumed from" not in log_text
+    return f"plmscale: resumed from {ckpts / tag_for(resume)} (step {resume})" in log_text
 
 
 def test_kills_during_saves_resume_from_complete_checkpoints_with_identical_losses(shards, tmp_path):

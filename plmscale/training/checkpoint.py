@@ -33,6 +33,8 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from plmscale.config import RunConfig
 from plmscale.tokenizer import file_sha256
+from plmscale.training import reshard
+from plmscale.training.layout import layout_changed, read_meta, resume_line
 
 RECORD, TRACKER = "complete.json", "latest"
 _TAG = re.compile(r"step_(\d{8})")
@@ -65,25 +67,32 @@ def save(engine, directory: Path, step: int, config: RunConfig, keep: int, is_ma
         "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
     }
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
-    # save_checkpoint ends in a barrier: every rank's files are closed. A node's page cache holds what all
-    # of its processes wrote, so one process per node flushes the whole tag directory.
+    reshard.save(engine, tag_dir, step, config)  # the layout-free state: resume in another layout
+    write_record(tag_dir, step, config)
+    if is_main:
+        _write_atomically(directory / TRACKER, tag)
+        rotate(directory, keep)
+
+
+def write_record(tag_dir: Path, step: int, config: RunConfig) -> None:
+    """Lists every file of the checkpoint with its size and sha256, once all are on disk. Collective."""
+    # DeepSpeed's save ends in a barrier, as does reshard's: every rank's files are closed. A node's page
+    # cache holds what all of its processes wrote, so one process per node flushes the whole tag directory.
     if os.environ.get("LOCAL_RANK", "0") == "0":
         _fsync_tree(tag_dir)
-    names = [_file_names(tag_dir) if is_main else None]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names = [_file_names(tag_dir) if rank == 0 else None]
     dist.broadcast_object_list(names, src=0)
     names = names[0]
-    rank, world = dist.get_rank(), dist.get_world_size()
     shares = [None] * world
     mine = {name: {"bytes": (tag_dir / name).stat().st_size, "sha256": file_sha256(tag_dir / name)}
             for name in names[rank::world]}  # each rank hashes a share  # fmt: skip
     dist.all_gather_object(shares, mine)  # also the barrier: every node has flushed before the record
-    if is_main:
+    if rank == 0:
         files = {name: entry for share in shares for name, entry in share.items()}
         layout = {"world_size": world, "parallel": config.parallel.model_dump(mode="json")}
-        record = {"tag": tag, "step": step, **layout, "files": dict(sorted(files.items()))}
+        record = {"tag": tag_dir.name, "step": step, **layout, "files": dict(sorted(files.items()))}
         _write_atomically(tag_dir / RECORD, json.dumps(record, indent=1) + "\n")
-        _write_atomically(directory / TRACKER, tag)
-        rotate(directory, keep)
 
 
 def rotate(directory: Path, keep: int) -> None:
@@ -116,18 +125,33 @@ def resume(engine, directory: Path, config: RunConfig) -> int:
     problem = next((p for share in problems for p in share), None)
     if problem:
         raise CheckpointError(f"{tag_dir}: {problem}; refusing to resume from it")
+    # saved in another layout (TP, PP, DP, ZeRO stage, precision): DeepSpeed's files do not fit this engine
+    moved = layout_changed(tag_dir, config, dist.get_world_size())
+    if moved:
+        client_state = read_meta(tag_dir)
+        _check_same_run(tag_dir, client_state["config"], config.model_dump(mode="json"), moved)
+        reshard.load(engine, tag_dir)
+    else:
+        path, client_state = load_deepspeed(engine, directory, tag_dir)
+        if path is None:
+            raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it")
+        _check_same_run(tag_dir, client_state["config"], config.model_dump(mode="json"), moved)
+    if is_main:
+        print(
+            f"plmscale: {resume_line(tag_dir, int(client_state['step']), config, dist.get_world_size())}",
+            flush=True,
+        )
+    return int(client_state["step"])
+
+
+def load_deepspeed(engine, directory: Path, tag_dir: Path) -> tuple[str | None, dict]:
+    """DeepSpeed's own files, weights-only."""
     with weights_only_loading():
         try:
-            path, client_state = engine.load_checkpoint(str(directory), tag=tag_dir.name)
+            return engine.load_checkpoint(str(directory), tag=tag_dir.name)
         except pickle.UnpicklingError as err:  # torch's reason is the paragraph after its preamble
             reason = next((part.strip() for part in str(err).split("\n\n")[1:] if part.strip()), str(err))
             raise CheckpointError(f"{tag_dir}: holds a pickled object that is not data: {reason}") from None
-    if path is None:
-        raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it")
-    _check_same_run(tag_dir, client_state["config"], config.model_dump(mode="json"))
-    if is_main:
-        print(f"plmscale: resuming from {tag_dir} (step {client_state['step']})", flush=True)
-    return int(client_state["step"])
 
 
 def newest_complete(directory: Path) -> tuple[Path | None, list[str]]:
@@ -193,11 +217,12 @@ def _lookup(config: dict, dotted: str) -> dict:
     )
 
 
-def _check_same_run(tag_dir: Path, saved: dict, current: dict) -> None:
+def _check_same_run(tag_dir: Path, saved: dict, current: dict, resharded: bool) -> None:
+    """A resharded resume may change the parallel layout; nothing else of _MUST_MATCH."""
     for field in _MUST_MATCH:
         for key, value in _lookup(current, field).items():
             was = _lookup(saved, field).get(key)
-            if was != value:
+            if was != value and not (resharded and field == "parallel"):
                 raise CheckpointError(
                     f"{tag_dir} was written with {key}={was!r}, not {value!r}; use a new train.output_dir"
                 )
