@@ -14,7 +14,7 @@ from conftest import REPO, launch, launch_command, read_metrics, tiny_recipe, wr
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
 from plmscale import model_dir
-from plmscale.config import ConfigError
+from plmscale.config import ConfigError, load_config
 from plmscale.training import checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -65,9 +65,19 @@ def test_a_save_is_published_with_a_record_of_every_file(trained):
     assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_{s:08d}" for s in range(1, STEPS + 1)]
     for tag_dir in ckpts.glob("step_*"):
         record = json.loads((tag_dir / "complete.json").read_text())
-        on_disk = sorted(p.name for p in tag_dir.iterdir() if p.name != "complete.json")
+        on_disk = sorted(
+            str(p.relative_to(tag_dir))
+            for p in tag_dir.rglob("*")
+            if p.is_file() and p.name != "complete.json"
+        )
         assert sorted(record["files"]) == on_disk
-        assert len(on_disk) == 3  # rank 0's model states, each rank's optimizer states
+        # rank 0's model states, each rank's optimizer states; the layout-free state (plmscale/training/reshard.py)
+        assert [name for name in on_disk if "/" not in name] == [
+            "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", OPTIM
+        ]  # fmt: skip
+        assert [name for name in on_disk if "/" in name] == [
+            f"layout_free/{state}.stage00.safetensors" for state in ("exp_avg", "exp_avg_sq", "fp32")
+        ] + ["layout_free/meta.json"]
         for name, entry in record["files"].items():
             assert entry == {"bytes": (tag_dir / name).stat().st_size, "sha256": _sha256(tag_dir / name)}
         assert record["step"] == int(tag_dir.name[5:]) and record["world_size"] == 2
@@ -202,3 +212,14 @@ def test_a_model_directory_never_runs_code(run, tmp_path):
     with pytest.raises(ConfigError, match="config.yaml: not a run config written by plmscale .could not"):
         model_dir.load_run_config(model)
     assert not marker.exists()
+
+
+def test_a_resume_with_another_schedule_is_warned_about(shards, tmp_path):
+    """DeepSpeed's scheduler resumes its step count only: a grown train_steps reshapes the LR curve."""
+    saved = load_config(_recipe(shards, tmp_path / "run")).model_dump(mode="json")
+    grown = load_config(_recipe(shards, tmp_path / "run", steps=STEPS + 5)).model_dump(mode="json")
+    assert checkpoint.schedule_changes(saved, saved) == []
+    assert checkpoint.schedule_changes(saved, grown) == [
+        f"train.train_steps {STEPS} -> {STEPS + 5} since the checkpoint: the learning-rate schedule is "
+        "reshaped, and the resumed run follows the new curve from its current step"
+    ]

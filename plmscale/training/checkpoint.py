@@ -141,7 +141,27 @@ def resume(engine, directory: Path, config: RunConfig) -> int:
             f"plmscale: {resume_line(tag_dir, int(client_state['step']), config, dist.get_world_size())}",
             flush=True,
         )
+        for warning in schedule_changes(client_state["config"], config.model_dump(mode="json")):
+            print(f"plmscale: warning: {warning}", file=sys.stderr, flush=True)
     return int(client_state["step"])
+
+
+_SCHEDULE = ("train.train_steps", "optimizer.lr", "optimizer.warmup_steps", "optimizer.decay",
+             "optimizer.min_lr_ratio")  # fmt: skip
+
+
+def schedule_changes(saved: dict, current: dict) -> list[str]:
+    """What a resumed run changed of the learning-rate schedule: DeepSpeed's scheduler resumes its step
+    count only and recomputes the curve from the current config, so the LR jumps to the new curve."""
+    changed = [
+        f"{key} {_lookup(saved, key)[key]!r} -> {_lookup(current, key)[key]!r}"
+        for key in _SCHEDULE
+        if _lookup(saved, key)[key] != _lookup(current, key)[key]
+    ]
+    if not changed:
+        return []
+    return [f"{', '.join(changed)} since the checkpoint: the learning-rate schedule is reshaped, and the "
+            "resumed run follows the new curve from its current step"]  # fmt: skip
 
 
 def load_deepspeed(engine, directory: Path, tag_dir: Path) -> tuple[str | None, dict]:
