@@ -79,6 +79,20 @@ class ModelConfig(_Strict):
         exclude_if=lambda value: value == "gelu",
         description="MLP (and MLM head) activation: exact GELU, or its tanh approximation (GPT-2's gelu_new)",
     )
+    embedding_size: int | None = Field(
+        None,
+        gt=0,
+        exclude_if=lambda value: value is None,
+        description="ALBERT's factorized embedding: word, position and segment embeddings of this size "
+        "(at most hidden_size), projected to hidden_size; the MLM head projects back to it",
+    )
+    layer_groups: int | None = Field(
+        None,
+        gt=0,
+        exclude_if=lambda value: value is None,
+        description="ALBERT's cross-layer sharing: this many distinct layers (dividing num_layers), layer i "
+        "running those of group i * layer_groups // num_layers (1: all layers share one)",
+    )
     layernorm_eps: float = Field(1e-5, gt=0)
     hidden_dropout: float = Field(0.1, ge=0, lt=1)
     attention_dropout: float = Field(0.1, ge=0, lt=1)
@@ -92,7 +106,35 @@ class ModelConfig(_Strict):
             )
         if self.pair_head and self.kind != "encoder":
             raise ValueError("model.pair_head needs model.kind: encoder")
+        self._check_albert()
         return self
+
+    def _check_albert(self) -> None:
+        if self.embedding_size is not None:
+            if self.kind != "encoder":
+                raise ValueError("model.embedding_size (factorized embedding) needs model.kind: encoder")
+            if self.embedding_size > self.hidden_size:
+                raise ValueError(
+                    f"model.embedding_size={self.embedding_size} exceeds model.hidden_size={self.hidden_size} "
+                    "(a factorized embedding is the smaller one)"
+                )
+        if self.layer_groups is not None and self.num_layers % self.layer_groups:
+            raise ValueError(
+                f"model.layer_groups={self.layer_groups} must divide model.num_layers={self.num_layers}"
+            )
+
+    @property
+    def embed_size(self) -> int:
+        """Width of the embeddings (and of the MLM head's output transform)."""
+        return self.embedding_size or self.hidden_size
+
+    @property
+    def distinct_layers(self) -> int:
+        return self.layer_groups or self.num_layers
+
+    def layer_group(self, layer: int) -> int:
+        """Which distinct layer's weights layer `layer` runs (itself, without sharing)."""
+        return layer * self.distinct_layers // self.num_layers
 
     @property
     def ffn_size(self) -> int:
@@ -107,6 +149,7 @@ class ModelConfig(_Strict):
         return math.ceil(self.vocab_size / self.pad_vocab_to_multiple_of) * self.pad_vocab_to_multiple_of
 
     def non_embedding_params(self) -> int:
+        """Weights applied per token (a shared layer counts each time it runs): the 6N of model FLOPs."""
         h, f = self.hidden_size, self.ffn_size
         per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # attention, MLP, two LayerNorms
         return self.num_layers * per_layer
@@ -249,6 +292,14 @@ class RunConfig(_Strict):
                 f"{self.parallel.pipeline_parallel}: DeepSpeed's pipeline engine supports ZeRO stage 0-1 only"
             )
         self._check_pipeline()
+        if self.parallel.pipeline_parallel > 1 and self.model.distinct_layers < self.model.num_layers:
+            raise ValueError(
+                f"parallel.pipeline_parallel={self.parallel.pipeline_parallel} with model.layer_groups="
+                f"{self.model.layer_groups}: a layer shared across stages would need its weights and "
+                "gradients tied between stages; use tensor_parallel and ZeRO"
+            )
+        if self.distill and self.model.layer_groups is not None:
+            raise ValueError("distill: a student with shared layers (model.layer_groups) is not supported")
         if self.train.activation_checkpointing > self.model.num_layers:
             raise ValueError(
                 f"train.activation_checkpointing={self.train.activation_checkpointing} exceeds "

@@ -19,8 +19,8 @@ def test_tp2_forward_and_backward_equal_unsharded_reference(tmp_path):
     )  # fmt: skip
     report = json.loads(out.read_text())
     assert report["tp_size"] == 2
-    for kind in ("encoder", "decoder"):
-        diffs = report[kind]
+    for name in ("encoder", "decoder", "albert"):
+        diffs = report[name]
         assert diffs["loss_value"] > 5.0  # an untrained model over a 256-piece vocabulary
         assert diffs["loss"] < 1e-5
         assert diffs["logits"] < 1e-5 and diffs["all_logits"] < 1e-5

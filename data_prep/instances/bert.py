@@ -35,7 +35,7 @@ from data_prep.instances.base import (
 )
 from plmscale.data.masking import PRESETS, Masker
 
-Preset = Literal["mlm", "wwm", "wwm_zh", "span", "ernie"]
+Preset = Literal["mlm", "wwm", "wwm_zh", "span", "ngram", "ernie"]
 
 
 class BertParams(Params):

@@ -5,6 +5,8 @@ word   BERT-wwm: whole words (a word-start position and the positions up to the 
        from jieba this is Chinese BERT-wwm (`data_prep.words`).
 span   SpanBERT: runs of whole words, lengths ~ Geometric(p) renormalized on 1..span_max (mean 3.8 words
        for p=0.2, max 10), the span boundaries kept for the span-boundary objective.
+ngram  ALBERT: spans of n whole words, n <= 3 with p(n) proportional to 1/n (SpanBERT's procedure with
+       ALBERT's lengths).
 ernie  ERNIE 1.0: the budget split between entity, phrase and basic units (tokens; whole words when word
        starts are given, as ERNIE's English basic level).
 
@@ -41,6 +43,10 @@ class MaskingConfig(BaseModel):
     max_predictions: int | None = Field(None, gt=0, description="Google's max_predictions_per_seq")
     span_p: float = Field(0.2, gt=0, le=1, description="SpanBERT: geometric parameter of span lengths")
     span_max: int = Field(10, ge=1, description="SpanBERT: longest span, in words")
+    span_lengths: Literal["geometric", "inverse"] = Field(
+        "geometric",
+        description="span lengths ~ Geometric(span_p) (SpanBERT), or p(n) ~ 1/n (ALBERT's n-grams)",
+    )
     ernie_mix: dict[str, float] = Field(
         default_factory=lambda: {"token": 0.5, "phrase": 0.25, "entity": 0.25},
         description="ERNIE: share of the budget per level; what a level cannot fill goes to tokens",
@@ -62,6 +68,7 @@ PRESETS: dict[str, MaskingConfig] = {
     "wwm": MaskingConfig(unit="word"),  # word starts from SentencePiece's U+2581 marker
     "wwm_zh": MaskingConfig(unit="word"),  # word starts from jieba (data_prep.words.chinese_word_starts)
     "span": MaskingConfig(unit="span"),
+    "ngram": MaskingConfig(unit="span", span_lengths="inverse", span_max=3),
     "ernie": MaskingConfig(unit="ernie"),
 }
 
@@ -167,7 +174,11 @@ class Masker:
     def __init__(self, config: MaskingConfig, vocab_size: int):
         self.config, self.vocab_size = config, vocab_size
         lengths = np.arange(1, config.span_max + 1)
-        weights = config.span_p * (1 - config.span_p) ** (lengths - 1)
+        weights = (
+            config.span_p * (1 - config.span_p) ** (lengths - 1)
+            if config.span_lengths == "geometric"
+            else 1 / lengths
+        )
         self.span_cdf = np.cumsum(weights / weights.sum())
 
     def budget(self, length):

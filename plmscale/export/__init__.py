@@ -17,6 +17,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model directory written by training or distillation")
     parser.add_argument("--format", choices=FORMATS, default="hf")
     parser.add_argument("--output", required=True, help="directory to write")
+    parser.add_argument(
+        "--family",
+        choices=("roberta",),
+        help="another transformers family computing the same (an encoder in BERT's layout: RoBERTa); "
+        "default: the model's own",
+    )
     parser.set_defaults(func=run_export_command)
     return parser
 
@@ -24,7 +30,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 def run_export_command(args: argparse.Namespace) -> None:
     from plmscale.export.hf import export_hf  # transformers loads only when exporting
 
-    out = export_hf(args.model, args.output)
+    out = export_hf(args.model, args.output, {"roberta": "Roberta"}.get(args.family))
     print(f"exported {args.model} -> {out} ({args.format}, logits verified against plmscale)")
 
 

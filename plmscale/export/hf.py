@@ -5,7 +5,9 @@
 The encoder is exactly Megatron-BERT (pre-LN, no embedding LayerNorm, final LayerNorm, BERT's MLM head
 tied to the word embedding) and loads as `MegatronBertForMaskedLM`, or with its pair head (pooler and NSP /
 SOP classifier) as `MegatronBertForPreTraining`; built with `model.layernorm_position: post` and
-`model.embedding_layernorm` it is exactly BERT (`BertForMaskedLM` / `BertForPreTraining`). The decoder is
+`model.embedding_layernorm` it is exactly BERT (`BertForMaskedLM` / `BertForPreTraining`), and without a pair
+head also RoBERTa (`--family roberta`: `RobertaForMaskedLM`); with ALBERT's factorized embedding and shared
+layers it is exactly ALBERT (`AlbertForMaskedLM` / `AlbertForPreTraining`, SOP head). The decoder is
 exactly GPT-2 and loads as `GPT2LMHeadModel`. Only weights are renamed and split (`hf_mapping.py`, which
 the import reads backwards); nothing is approximated, so `export_hf` finishes by loading its output with
 `transformers` and comparing logits with plmscale's forward.
@@ -89,17 +91,18 @@ def hf_tokenizer(model_path: Path, cfg: ModelConfig) -> PreTrainedTokenizerFast:
     )
 
 
-def export_hf(model_dir: str | Path, output_dir: str | Path) -> Path:
-    """Write config.json, model.safetensors and the tokenizer to `output_dir`, then verify them."""
+def export_hf(model_dir: str | Path, output_dir: str | Path, family: str | None = None) -> Path:
+    """Write config.json, model.safetensors and the tokenizer to `output_dir`, then verify them. `family`
+    (e.g. "Roberta") picks another transformers family that computes the same as the model's own."""
     model_dir, out = Path(model_dir), Path(output_dir)
     model, cfg = load_local_model(model_dir)
     try:
-        config = hf_config(cfg)
+        config = hf_config(cfg, family)
     except ValueError as err:
         raise ConfigError(f"{model_dir / CONFIG}: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    weights = {k: v.contiguous() for k, v in to_hf_weights(model.state_dict(), cfg).items()}
+    weights = {k: v.contiguous() for k, v in to_hf_weights(model.state_dict(), cfg, family).items()}
     save_file(weights, str(out / HF_WEIGHTS), metadata={"format": "pt"})
     if (model_dir / TOKENIZER).is_file():  # a model imported without a SentencePiece model has none
         hf_tokenizer(model_dir / TOKENIZER, cfg).save_pretrained(out)
@@ -155,9 +158,8 @@ def logit_differences(model, hf: PreTrainedModel) -> dict[str, float]:
         inputs["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(2, seq)
     ours = model.eval()(**inputs, classify_pair=True) if cfg.pair_head else (model.eval()(**inputs),)
     out = hf(**inputs)
-    theirs = (
-        (out.prediction_logits, out.seq_relationship_logits) if "prediction_logits" in out else (out.logits,)
-    )
+    pair = "seq_relationship_logits" if "seq_relationship_logits" in out else "sop_logits"  # ALBERT: SOP
+    theirs = (out.prediction_logits, out[pair]) if "prediction_logits" in out else (out.logits,)
     return {
         what: (mine.float() - hf_logits.float()).abs().max().item()
         for what, mine, hf_logits in zip(("token", "pair"), ours, theirs, strict=False)

@@ -4,9 +4,11 @@
 
 Local files only: config.json and model.safetensors or pytorch_model.bin (read weights-only by
 `transformers`). BERT (`BertForMaskedLM`, `BertForPreTraining`: post-LN with an embedding LayerNorm, built
-with `model.layernorm_position: post` and `model.embedding_layernorm: true`), Megatron-BERT and GPT-2
+with `model.layernorm_position: post` and `model.embedding_layernorm: true`), RoBERTa (`RobertaForMaskedLM`,
+BERT's layout; the position rows before its first position id are dropped), Megatron-BERT and GPT-2
 (`GPT2LMHeadModel`). The weights go through the export's rules backwards (`hf_mapping.py`), so
-`plmscale export` of the result gives back the same tensors bit for bit, and plmscale's logits are checked
+`plmscale export` of the result gives back the same tensors bit for bit (RoBERTa's unused position rows and
+padding id aside: they come back as zeros and [PAD]), and plmscale's logits are checked
 against transformers' before anything is written. What plmscale cannot compute exactly (another
 activation, relative positions, an output projection not tied to the word embedding, cross-attention) is
 refused with the config key that says so.
@@ -49,7 +51,10 @@ PRETRAINING_CLASS = {
     "bert": "BertForPreTraining",
     "megatron-bert": "MegatronBertForPreTraining",
     "gpt2": "GPT2LMHeadModel",
+    "roberta": "RobertaForMaskedLM",
 }
+# The mapping's family of each model type that is not its layout's default.
+FAMILY = {"roberta": "Roberta"}
 PAIR_HEAD_WEIGHTS = {
     f"{m}.{k}" for m in ("bert.pooler.dense", "cls.seq_relationship") for k in ("weight", "bias")
 }
@@ -84,6 +89,8 @@ def unrepresentable(config: PretrainedConfig) -> str | None:
             ("is_decoder", {False}, "a BERT is a bidirectional encoder"),
             ("position_embedding_type", {"absolute"}, "learned absolute positions"),
         ]
+    if config.model_type == "roberta":
+        checks[0] = ("hidden_act", {"gelu"}, "RoBERTa's MLM head uses exact GELU, so its layers must too")
     for key, allowed, why in checks:
         value = getattr(config, key, "absolute" if key == "position_embedding_type" else None)
         if value not in allowed:
@@ -141,7 +148,7 @@ def load_checkpoint(directory: Path) -> tuple[transformers.PreTrainedModel, bool
     finally:
         transformers.logging.set_verbosity(verbosity)
     missing = set(info["missing_keys"])
-    pair_head = config.model_type != "gpt2" and not missing & PAIR_HEAD_WEIGHTS
+    pair_head = config.model_type in ("bert", "megatron-bert") and not missing & PAIR_HEAD_WEIGHTS
     if missing >= PAIR_HEAD_WEIGHTS:  # no pair head at all: import the encoder and its MLM head
         missing -= PAIR_HEAD_WEIGHTS
     problems = {
@@ -155,10 +162,10 @@ def load_checkpoint(directory: Path) -> tuple[transformers.PreTrainedModel, bool
     return hf, pair_head
 
 
-def check_all_weights_used(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+def check_all_weights_used(weights: dict[str, torch.Tensor], cfg: ModelConfig, family: str | None) -> None:
     """Every tensor of the loaded model is converted or is a tied alias of one that is (the output
     projection), or is the untrained pair head of a checkpoint without one: nothing else is dropped."""
-    used = {name for rule in weight_rules(cfg) for name in rule.theirs}
+    used = {name for rule in weight_rules(cfg, family) for name in rule.theirs}
     used_storage = {weights[name].data_ptr() for name in used}
     left = sorted(
         name
@@ -168,7 +175,7 @@ def check_all_weights_used(weights: dict[str, torch.Tensor], cfg: ModelConfig) -
         and not (name in PAIR_HEAD_WEIGHTS and not cfg.pair_head)
     )
     if left:
-        raise RuntimeError(f"weights with no place in plmscale's {architecture(cfg)}: {left}")
+        raise RuntimeError(f"weights with no place in plmscale's {architecture(cfg, family)}: {left}")
 
 
 def import_hf(input_dir: str | Path, output_dir: str | Path, tokenizer: str | Path | None = None) -> dict:
@@ -200,9 +207,9 @@ def import_hf(input_dir: str | Path, output_dir: str | Path, tokenizer: str | Pa
         error = err.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
         raise ConfigError(f"{source}/config.json: {where + ': ' if where else ''}{error['msg']}") from None
-    weights = hf.state_dict()
-    state = from_hf_weights(weights, cfg)
-    check_all_weights_used(weights, cfg)
+    weights, family = hf.state_dict(), FAMILY.get(hf.config.model_type)
+    state = from_hf_weights(weights, cfg, family)
+    check_all_weights_used(weights, cfg, family)
     model = TransformerLM(cfg)
     model.load_state_dict(state)
     differences = logit_differences(model, hf)
@@ -214,7 +221,7 @@ def import_hf(input_dir: str | Path, output_dir: str | Path, tokenizer: str | Pa
         "imported": {
             "format": "hf",
             "source": str(source.resolve()),
-            "architecture": architecture(cfg),
+            "architecture": architecture(cfg, family),
             "files": {p.name: file_sha256(p) for p in sorted(source.iterdir()) if is_checkpoint_file(p)},
             "tokenizer": {"path": str(Path(tokenizer).resolve()), "sha256": file_sha256(tokenizer)}
             if tokenizer

@@ -1,6 +1,11 @@
-"""How plmscale's model corresponds to `transformers`' BERT, Megatron-BERT and GPT-2: one table of weight
-rules and one pair of config translations, read in one direction by the export and in the other by the
-import, so the two cannot drift apart.
+"""How plmscale's model corresponds to `transformers`' BERT, Megatron-BERT, GPT-2, RoBERTa and ALBERT: one
+table of weight rules and one pair of config translations, read in one direction by the export and in the
+other by the import, so the two cannot drift apart.
+
+RoBERTa computes what BERT's layout (post-LN, embedding LayerNorm) computes, with one difference of
+bookkeeping: its position ids start after the padding id (`pad_token_id + 1`), so its position table has
+that many unused rows in front of ours. An encoder with ALBERT's factorized embedding or shared layers
+(`model.embedding_size`, `model.layer_groups`) is ALBERT, whose layer groups hold one layer each.
 
 A rule ties one plmscale tensor to one or more `transformers` tensors with a function each way (rename,
 transpose, split of the fused QKV projection) that moves values without arithmetic: HF -> plmscale -> HF is
@@ -13,17 +18,24 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from transformers import BertConfig, GPT2Config, MegatronBertConfig, PretrainedConfig
+from transformers import (
+    AlbertConfig,
+    BertConfig,
+    GPT2Config,
+    MegatronBertConfig,
+    PretrainedConfig,
+    RobertaConfig,
+)
 
 from plmscale.config import ModelConfig
-from plmscale.tokenizer import PAD_ID, SEP_ID
+from plmscale.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
+BERT_LAYOUT = ("encoder", "post", True)
 # Which transformers family computes exactly what a (kind, layernorm_position, embedding_layernorm) builds.
-FAMILIES = {
-    ("encoder", "pre", False): "MegatronBert",
-    ("encoder", "post", True): "Bert",
-    ("decoder", "pre", False): "GPT2",
-}
+FAMILIES = {("encoder", "pre", False): "MegatronBert", BERT_LAYOUT: "Bert", ("decoder", "pre", False): "GPT2"}
+# Families that compute what a layout's default does too, chosen by name (`plmscale export --family`).
+# ALBERT is the family of its own model options (`albert_options`), in BERT's layout.
+ALTERNATIVES = {"Roberta": BERT_LAYOUT}
 ACTIVATION_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # both as F.gelu computes them
 # gelu_new is GPT-2's tanh GELU written out in elementary ops: the same function, last-bit differences.
 ACTIVATION_FROM_HF = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
@@ -57,19 +69,43 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfi
     return torch.stack(per_head, dim=1).reshape(3 * cfg.hidden_size, *q.shape[1:])
 
 
-def family(cfg: ModelConfig) -> str:
+def albert_options(cfg: ModelConfig) -> bool:
+    return cfg.embedding_size is not None or cfg.layer_groups is not None
+
+
+def family(cfg: ModelConfig, name: str | None = None) -> str:
+    """The transformers family that computes what `cfg` builds: its layout's, or `name` if that one does
+    too (RoBERTa for BERT's layout)."""
     layout = (cfg.kind, cfg.layernorm_position, cfg.embedding_layernorm)
-    if layout not in FAMILIES:
+    where = (
+        f"model.kind={cfg.kind} with model.layernorm_position={cfg.layernorm_position} and "
+        f"model.embedding_layernorm={cfg.embedding_layernorm}"
+    )
+    if albert_options(cfg):
+        if layout != BERT_LAYOUT or cfg.embedding_size is None:
+            raise ValueError(
+                f"model.embedding_size / model.layer_groups export as ALBERT, which needs model.embedding_size "
+                f"set and BERT's layout {BERT_LAYOUT}; got embedding_size={cfg.embedding_size} and {where}"
+            )
+        default = "Albert"
+    elif layout in FAMILIES:
+        default = FAMILIES[layout]
+    else:
+        raise ValueError(f"{where} has no transformers architecture; exportable: {sorted(FAMILIES)}")
+    if name is None or name == default:
+        return default
+    if ALTERNATIVES.get(name) != layout or albert_options(cfg):
+        raise ValueError(f"{where} exports as {default}, not {name}")
+    if name == "Roberta" and (cfg.pair_head or cfg.activation != "gelu"):
         raise ValueError(
-            f"model.kind={cfg.kind} with model.layernorm_position={cfg.layernorm_position} and "
-            f"model.embedding_layernorm={cfg.embedding_layernorm} has no transformers architecture; "
-            f"exportable: {sorted(FAMILIES)}"
+            "RoBERTa has no pair head and its MLM head uses exact GELU: needs model.pair_head: false and "
+            f"model.activation: gelu (got {cfg.pair_head}, {cfg.activation})"
         )
-    return FAMILIES[layout]
+    return name
 
 
-def architecture(cfg: ModelConfig) -> str:
-    name = family(cfg)
+def architecture(cfg: ModelConfig, name: str | None = None) -> str:
+    name = family(cfg, name)
     return (
         "GPT2LMHeadModel" if name == "GPT2" else name + ("ForPreTraining" if cfg.pair_head else "ForMaskedLM")
     )
@@ -152,28 +188,104 @@ def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-def weight_rules(cfg: ModelConfig) -> list[Rule]:
-    return gpt2_rules(cfg) if family(cfg) == "GPT2" else bert_rules(cfg)
+ROBERTA_HEAD = {"cls.predictions.transform.dense": "lm_head.dense", "cls.predictions.transform.LayerNorm":
+    "lm_head.layer_norm", "cls.predictions": "lm_head"}  # fmt: skip
 
 
-def to_hf_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def roberta_name(bert_name: str) -> str:
+    module, kind = bert_name.rsplit(".", 1)
+    return f"{ROBERTA_HEAD.get(module, module.replace('bert.', 'roberta.', 1))}.{kind}"
+
+
+def roberta_rules(cfg: ModelConfig) -> list[Rule]:
+    """BERT's rules under RoBERTa's names; the position table gains PAD_ID + 1 zero rows in front, and an
+    import keeps the last max_position_embeddings rows (a checkpoint's own padding id may differ)."""
+    rules = []
+    for rule in bert_rules(cfg):
+        if rule.ours == "position_embeddings.weight":
+            rule = rule._replace(
+                to_hf=lambda t: (torch.cat([t.new_zeros(PAD_ID + 1, t.shape[1]), t]),),
+                from_hf=lambda t: t[-cfg.max_position_embeddings :],
+            )
+        rules.append(rule._replace(theirs=tuple(map(roberta_name, rule.theirs))))
+    return rules
+
+
+def albert_rules(cfg: ModelConfig) -> list[Rule]:
+    """One ALBERT layer group (of one layer) per distinct layer of ours."""
+    rules = [
+        renamed("word_embeddings.weight", "albert.embeddings.word_embeddings.weight"),
+        renamed("position_embeddings.weight", "albert.embeddings.position_embeddings.weight"),
+        renamed("head.output.bias", "predictions.bias"),
+    ]
+    if cfg.type_vocab_size:
+        rules.append(
+            renamed("token_type_embeddings.weight", "albert.embeddings.token_type_embeddings.weight")
+        )
+    parts = [
+        ("embedding_ln", "albert.embeddings.LayerNorm"),
+        ("embedding_projection", "albert.encoder.embedding_hidden_mapping_in"),
+        ("head.dense", "predictions.dense"),
+        ("head.ln", "predictions.LayerNorm"),
+    ]
+    if cfg.pair_head:
+        parts += [
+            ("pair_head.pooler", "albert.pooler"),
+            ("pair_head.classifier", "sop_classifier.classifier"),
+        ]
+    for group in range(cfg.distinct_layers):
+        ours, theirs = f"layers.{group}.", f"albert.encoder.albert_layer_groups.{group}.albert_layers.0."
+        parts += [
+            (ours + "ln_attn", theirs + "attention.LayerNorm"),
+            (ours + "attn.proj", theirs + "attention.dense"),
+            (ours + "ln_mlp", theirs + "full_layer_layer_norm"),
+            (ours + "mlp.fc_in", theirs + "ffn"),
+            (ours + "mlp.fc_out", theirs + "ffn_output"),
+        ]
+        qkv = tuple(theirs + f"attention.{name}" for name in ("query", "key", "value"))
+        for kind in ("weight", "bias"):
+            rules.append(
+                Rule(
+                    ours + f"attn.qkv.{kind}",
+                    tuple(f"{name}.{kind}" for name in qkv),
+                    lambda t: tuple(split_qkv(t, cfg)),
+                    lambda q, k, v: merge_qkv(q, k, v, cfg),
+                )
+            )
+    rules += [renamed(f"{o}.{kind}", f"{t}.{kind}") for o, t in parts for kind in ("weight", "bias")]
+    return rules
+
+
+def weight_rules(cfg: ModelConfig, name: str | None = None) -> list[Rule]:
+    rules = {"GPT2": gpt2_rules, "Roberta": roberta_rules, "Albert": albert_rules}
+    return rules.get(family(cfg, name), bert_rules)(cfg)
+
+
+def to_hf_weights(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, name: str | None = None
+) -> dict[str, torch.Tensor]:
     out = {}
-    for rule in weight_rules(cfg):
+    for rule in weight_rules(cfg, name):
         out |= zip(rule.theirs, rule.to_hf(state[rule.ours]), strict=True)
-    if (
-        cfg.kind == "encoder" and not cfg.type_vocab_size
-    ):  # BERTs always add a segment: one zero row adds nothing
-        out["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.hidden_size)
+    if cfg.kind == "encoder" and not cfg.type_vocab_size:
+        # BERTs always add a segment: a zero row adds nothing
+        prefix = {"Roberta": "roberta", "Albert": "albert"}.get(family(cfg, name), "bert")
+        out[f"{prefix}.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.embed_size)
     return out
 
 
-def from_hf_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    return {rule.ours: rule.from_hf(*(weights[name] for name in rule.theirs)) for rule in weight_rules(cfg)}
+def from_hf_weights(
+    weights: dict[str, torch.Tensor], cfg: ModelConfig, name: str | None = None
+) -> dict[str, torch.Tensor]:
+    return {
+        rule.ours: rule.from_hf(*(weights[theirs] for theirs in rule.theirs))
+        for rule in weight_rules(cfg, name)
+    }
 
 
-def hf_config(cfg: ModelConfig) -> PretrainedConfig:
+def hf_config(cfg: ModelConfig, family_name: str | None = None) -> PretrainedConfig:
     """The `transformers` config of the architecture that computes what `cfg` builds."""
-    name = family(cfg)
+    name = family(cfg, family_name)
     if name == "GPT2":
         return GPT2Config(
             vocab_size=cfg.padded_vocab_size,
@@ -195,7 +307,21 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
             tie_word_embeddings=True,
             architectures=[architecture(cfg)],
         )
-    return (BertConfig if name == "Bert" else MegatronBertConfig)(
+    extra = {}
+    if name == "Roberta":
+        extra = {"bos_token_id": CLS_ID, "eos_token_id": SEP_ID}
+    if name == "Albert":
+        extra = {
+            "embedding_size": cfg.embed_size,
+            "num_hidden_groups": cfg.distinct_layers,
+            "inner_group_num": 1,
+            "classifier_dropout_prob": cfg.hidden_dropout,
+            "bos_token_id": CLS_ID,
+            "eos_token_id": SEP_ID,
+        }
+    config_class = {"Bert": BertConfig, "Roberta": RobertaConfig, "Albert": AlbertConfig}
+    return config_class.get(name, MegatronBertConfig)(
+        **extra,
         vocab_size=cfg.padded_vocab_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
@@ -204,13 +330,13 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         hidden_act=ACTIVATION_TO_HF[cfg.activation],
         hidden_dropout_prob=cfg.hidden_dropout,
         attention_probs_dropout_prob=cfg.attention_dropout,
-        max_position_embeddings=cfg.max_position_embeddings,
+        max_position_embeddings=cfg.max_position_embeddings + (PAD_ID + 1 if name == "Roberta" else 0),
         type_vocab_size=cfg.type_vocab_size or 1,
         initializer_range=cfg.init_std,
         layer_norm_eps=cfg.layernorm_eps,
         pad_token_id=PAD_ID,
         tie_word_embeddings=True,
-        architectures=[architecture(cfg)],
+        architectures=[architecture(cfg, family_name)],
     )
 
 
@@ -232,14 +358,17 @@ def model_fields_from_hf(config: PretrainedConfig) -> dict:
             "attention_dropout": config.attn_pdrop,
             "init_std": config.initializer_range,
         }
-    plain = config.model_type == "bert"
+    plain = config.model_type in ("bert", "roberta")
+    positions = config.max_position_embeddings
+    if config.model_type == "roberta":  # positions start after the padding id
+        positions -= config.pad_token_id + 1
     return {
         "kind": "encoder",
         "hidden_size": config.hidden_size,
         "num_layers": config.num_hidden_layers,
         "num_heads": config.num_attention_heads,
         "ffn_hidden_size": config.intermediate_size,
-        "max_position_embeddings": config.max_position_embeddings,
+        "max_position_embeddings": positions,
         "type_vocab_size": config.type_vocab_size,
         "layernorm_position": "post" if plain else "pre",
         "embedding_layernorm": plain,

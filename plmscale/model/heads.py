@@ -15,12 +15,12 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.embed_size)  # ALBERT: back to the embedding's width
         nn.init.normal_(self.dense.weight, std=cfg.init_std)
         nn.init.zeros_(self.dense.bias)
         self.act = activation(cfg.activation)
-        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
-        self.output = spec.output_projection(cfg.hidden_size, cfg.padded_vocab_size, bias=True)
+        self.ln = nn.LayerNorm(cfg.embed_size, eps=cfg.layernorm_eps)
+        self.output = spec.output_projection(cfg.embed_size, cfg.padded_vocab_size, bias=True)
 
     def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         return self.output(self.ln(self.act(self.dense(hidden))), embedding_weight)

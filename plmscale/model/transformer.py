@@ -2,6 +2,10 @@
 
 Pre-LayerNorm with a final LayerNorm (GPT-2, Megatron-BERT) by default; `model.layernorm_position: post`
 with `model.embedding_layernorm` gives the original BERT's block, the same modules in another order.
+ALBERT's two savings are options too: `model.embedding_size` E < H embeds in E dimensions and projects to H
+(the MLM head transforms back to E, tied to the E-wide word embedding), and `model.layer_groups` G builds
+G distinct layers that the num_layers layers run in turn (layer i runs group i * G // num_layers), so a
+shared layer is one module, its gradient summed over every layer that runs it.
 
 Shapes are [batch, seq, hidden]. Attention runs through `scaled_dot_product_attention`. The fused QKV
 projection is laid out per head as [heads, (q, k, v), head_dim] so that sharding its output dimension hands
@@ -128,24 +132,31 @@ class TransformerLM(nn.Module):
         words, embeddings, head = range(cfg.num_layers, cfg.num_layers + 3)  # pieces after layers 0 .. L-1
         if part.embeddings or part.head:
             with _seeded(seed, words):
-                self.word_embeddings = spec.embedding(cfg.padded_vocab_size, cfg.hidden_size, cfg.init_std)
+                self.word_embeddings = spec.embedding(cfg.padded_vocab_size, cfg.embed_size, cfg.init_std)
         if part.embeddings:
             with _seeded(seed, embeddings):
-                self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+                self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.embed_size)
                 nn.init.normal_(self.position_embeddings.weight, std=cfg.init_std)
                 if cfg.kind == "encoder" and cfg.type_vocab_size:
-                    self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+                    self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.embed_size)
                     nn.init.normal_(self.token_type_embeddings.weight, std=cfg.init_std)
                 else:
                     self.token_type_embeddings = None
                 self.embedding_ln = (
-                    nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps) if cfg.embedding_layernorm else None
+                    nn.LayerNorm(cfg.embed_size, eps=cfg.layernorm_eps) if cfg.embedding_layernorm else None
                 )
+                # Replicated under tensor parallelism, as the MLM head's dense layer: input and output are.
+                self.embedding_projection = None
+                if cfg.embedding_size is not None:
+                    self.embedding_projection = nn.Linear(cfg.embedding_size, cfg.hidden_size)
+                    nn.init.normal_(self.embedding_projection.weight, std=cfg.init_std)
+                    nn.init.zeros_(self.embedding_projection.bias)
             self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        # Keyed by distinct layer (= layer index without sharing).
         self.layers = nn.ModuleDict()
-        for index in range(part.first_layer, part.stop_layer):
-            with _seeded(seed, index):
-                self.layers[str(index)] = Block(cfg, spec)
+        for group in sorted({cfg.layer_group(i) for i in range(part.first_layer, part.stop_layer)}):
+            with _seeded(seed, group):
+                self.layers[str(group)] = Block(cfg, spec)
         if part.head:
             with _seeded(seed, head):
                 # A post-LN block already ends in a LayerNorm.
@@ -166,13 +177,14 @@ class TransformerLM(nn.Module):
             x = x + self.token_type_embeddings(token_type_ids)
         if self.embedding_ln is not None:
             x = self.embedding_ln(x)
-        return self.embedding_dropout(x)
+        x = self.embedding_dropout(x)
+        return self.embedding_projection(x) if self.embedding_projection is not None else x
 
     def encode(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """This part's transformer layers; `attention_mask` is the [batch, seq] padding mask."""
         mask = self.attention_bias(attention_mask, x.shape[1]) if attention_mask is not None else None
-        for layer in self.layers.values():
-            x = layer(x, mask, self.causal)
+        for index in range(self.part.first_layer, self.part.stop_layer):
+            x = self.layers[str(self.cfg.layer_group(index))](x, mask, self.causal)
         return x
 
     def output(

@@ -2,9 +2,10 @@
 
 Masks are drawn when a sample is built, from a generator seeded by the sample's position in the global
 order: every epoch sees new masks, and a resumed run sees exactly the masks it would have seen. The masks
-come from `plmscale.data.masking`, the masker the offline instance builder uses too; whole-word and span
-units take word starts from the tokenizer's U+2581 marker. Chinese words (jieba) and ERNIE's phrases and
-entities need corpus-level preparation: build those instances offline (`plmscale prep instances`).
+come from `plmscale.data.masking`, the masker the offline instance builder uses too; whole-word, span and
+n-gram units (ALBERT's: n whole words) take word starts from the tokenizer's U+2581 marker. Chinese words
+(jieba) and ERNIE's phrases and entities need corpus-level preparation: build those instances offline
+(`plmscale prep instances`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from plmscale.data.masking import Masker, MaskingConfig, word_start_table
+from plmscale.data.masking import PRESETS, Masker, MaskingConfig, word_start_table
 from plmscale.objectives import register
 from plmscale.objectives.base import IGNORE_INDEX, Objective
 from plmscale.tokenizer import CLS_ID, SEP_ID, Tokenizer
@@ -26,8 +27,8 @@ class MLMParams(BaseModel):
     mask_prob: float = Field(0.15, gt=0, lt=1)
     replace_mask: float = Field(0.8, ge=0, le=1, description="of chosen tokens, share replaced by [MASK]")
     replace_random: float = Field(0.1, ge=0, le=1, description="share replaced by a random token")
-    unit: Literal["token", "word", "span"] = Field(
-        "token", description="BERT, whole-word or SpanBERT masking"
+    unit: Literal["token", "word", "span", "ngram"] = Field(
+        "token", description="BERT, whole-word, SpanBERT or ALBERT's n-gram masking"
     )
     tokenizer: str | None = Field(None, description="SentencePiece model giving word starts (unit word/span)")
 
@@ -51,10 +52,10 @@ class MaskedLM(Objective):
 
     def __init__(self, params: MLMParams, model_cfg):
         super().__init__(params, model_cfg)
-        masking = MaskingConfig(
-            unit=params.unit, mask_prob=params.mask_prob,
-            replace_mask=params.replace_mask, replace_random=params.replace_random,
-        )  # fmt: skip
+        preset = PRESETS[{"token": "mlm", "word": "wwm"}.get(params.unit, params.unit)]
+        masking = MaskingConfig.model_validate(
+            preset.model_dump() | params.model_dump(include={"mask_prob", "replace_mask", "replace_random"})
+        )
         self.masker = Masker(masking, model_cfg.vocab_size)
         self.word_start = None if params.unit == "token" else word_start_table(Tokenizer(params.tokenizer))
 

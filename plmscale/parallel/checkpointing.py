@@ -2,8 +2,9 @@
 recomputes its activations in the backward pass, trading about a third more compute for memory.
 
 Applied to every k-th layer of a model (or of a pipeline stage: layers keep their global index, so a layout
-does not change which layers are checkpointed). Recomputation replays the CPU and device RNG states, so
-dropout draws the same masks and results equal those without checkpointing.
+does not change which layers are checkpointed; with shared layers, `model.layer_groups`, k counts distinct
+layers, and a checkpointed one is recomputed each time it runs). Recomputation replays the CPU and device
+RNG states, so dropout draws the same masks and results equal those without checkpointing.
 """
 
 from __future__ import annotations

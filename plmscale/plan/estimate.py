@@ -51,25 +51,30 @@ def stage_numels(m: ModelConfig, tp: int, layers: int, embeddings: bool, head: b
 
     A stage with the head but not the embeddings keeps its own copy of the tied word embedding, as
     plmscale.parallel.pipeline's TiedLayerSpec does."""
-    h, vocab_shard = m.hidden_size, m.padded_vocab_size // tp
+    h, e, vocab_shard = m.hidden_size, m.embed_size, m.padded_vocab_size // tp
     numels = [n for _ in range(layers) for n in block_numels(m, tp)]
     if embeddings or head:
-        numels.append(vocab_shard * h)
+        numels.append(vocab_shard * e)
     if embeddings:
-        numels.append(m.max_position_embeddings * h)
+        numels.append(m.max_position_embeddings * e)
         if m.kind == "encoder" and m.type_vocab_size:
-            numels.append(m.type_vocab_size * h)
+            numels.append(m.type_vocab_size * e)
+        if m.embedding_layernorm:
+            numels += [e, e]
+        if m.embedding_size is not None:
+            numels += [e * h, h]  # ALBERT's projection to the hidden size
     if head:
-        numels += [h, h]  # final LayerNorm
+        if m.layernorm_position == "pre":
+            numels += [h, h]  # final LayerNorm
         if m.kind == "encoder":
-            numels += [h * h, h, h, h, vocab_shard]  # MLM transform dense, its LayerNorm, output bias
+            numels += [h * e, e, e, e, vocab_shard]  # MLM transform dense, its LayerNorm, output bias
         if m.pair_head:
             numels += [h * h, h, 2 * h, 2]  # pooler, classifier
     return numels
 
 
 def parameter_count(m: ModelConfig) -> int:
-    return sum(stage_numels(m, 1, m.num_layers, embeddings=True, head=True))
+    return sum(stage_numels(m, 1, m.distinct_layers, embeddings=True, head=True))
 
 
 # --------------------------------------------------------------------------------------------- FLOPs

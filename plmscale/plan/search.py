@@ -133,7 +133,7 @@ class Planner:
         for tp in _divisors(self.cluster.gpus_per_node):
             if m.num_heads % tp or m.ffn_size % tp or m.padded_vocab_size % tp:
                 continue
-            for pp in _divisors(m.num_layers):
+            for pp in _divisors(m.num_layers) if m.distinct_layers == m.num_layers else (1,):  # shared: no PP
                 if gpus % (tp * pp) or batch % (gpus // (tp * pp)):
                     continue
                 dp = gpus // (tp * pp)
@@ -154,7 +154,8 @@ class Planner:
         return self._cache[key]
 
     def stage_numels(self, layout: Layout, stage: Stage) -> list[int]:
-        return list(self._numels(layout.tp, stage.stop - stage.first, stage.embeddings, stage.head))
+        layers = stage.stop - stage.first if layout.pp > 1 else self.cfg.model.distinct_layers
+        return list(self._numels(layout.tp, layers, stage.embeddings, stage.head))
 
     def _states(self, numels: tuple[int, ...], zero: int, dp: int, pipelined: bool) -> float:
         key = (numels, zero, dp, pipelined)

@@ -20,12 +20,22 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def compare(kind: str) -> dict:
+MODELS = {
+    "encoder": {"kind": "encoder"},
+    "decoder": {"kind": "decoder"},
+    # ALBERT: a factorized embedding (replicated E -> H projection, vocabulary-parallel E-wide embedding)
+    # and both layers sharing one set of weights
+    "albert": {"kind": "encoder", "embedding_size": 16, "layer_groups": 1, "layernorm_position": "post",
+               "embedding_layernorm": True},
+}  # fmt: skip
+
+
+def compare(name: str) -> dict:
     cfg = ModelConfig(
-        kind=kind, vocab_size=250, pad_vocab_to_multiple_of=64, hidden_size=32, num_layers=2, num_heads=4,
-        max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0,
+        **MODELS[name], vocab_size=250, pad_vocab_to_multiple_of=64, hidden_size=32, num_layers=2,
+        num_heads=4, max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0,
     )  # fmt: skip
-    objective = get_objective("mlm" if kind == "encoder" else "causal_lm", {}, cfg)
+    objective = get_objective("mlm" if cfg.kind == "encoder" else "causal_lm", {}, cfg)
     torch.manual_seed(0)
     sharded = build_parallel_model(cfg)
     full = full_state_dict(sharded)
@@ -68,7 +78,7 @@ def compare(kind: str) -> dict:
 
 if __name__ == "__main__":
     topo = init_distributed(tensor_parallel=2)
-    report = {"tp_size": topo.tp_size, **{kind: compare(kind) for kind in ("encoder", "decoder")}}
+    report = {"tp_size": topo.tp_size, **{name: compare(name) for name in MODELS}}
     if topo.is_main:
         with open(sys.argv[1], "w") as handle:
             json.dump(report, handle)
