@@ -91,10 +91,10 @@ class Electra(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         disc = self.discriminator
-        embedding = disc.word_embeddings.weight
-        generator_logits = self.generator(
-            disc.embed(input_ids, token_type_ids), attention_mask, target_mask, embedding
-        )
+        embedded = disc.embed(input_ids, token_type_ids)
+        # the tied weight is read after the embedding ran, as `TransformerLM.output` reads it: ZeRO-3 then
+        # gathers it for this module instead of releasing it with the embedding
+        generator_logits = self.generator(embedded, attention_mask, target_mask, disc.word_embeddings.weight)
         corrupted = input_ids.masked_scatter(target_mask, self.sample(generator_logits, sample_seed))
         return generator_logits, disc(corrupted, attention_mask, token_type_ids), corrupted
 
@@ -103,11 +103,11 @@ class Electra(nn.Module):
         """One token per row from the generator's softmax over the real vocabulary (Gumbel-max: argmax of
         logits + Gumbel noise), the noise drawn over the full vocabulary from `seed`, so every
         tensor-parallel rank, and every tensor-parallel size, draws the same tokens."""
-        full = self.spec.gather_logits(logits.detach()).float()
-        full[:, self.cfg.vocab_size :] = -torch.inf  # the padding rows of the embedding are no tokens
-        generator = torch.Generator(device=full.device).manual_seed(seed)
-        uniform = torch.rand(full.shape, generator=generator, device=full.device)
-        return (full - torch.log(-torch.log(uniform))).argmax(-1)
+        # the real vocabulary: the padding rows of the embedding are no tokens (a view: `logits` stay as they are)
+        real = self.spec.gather_logits(logits.detach())[:, : self.cfg.vocab_size].float()
+        generator = torch.Generator(device=real.device).manual_seed(seed)
+        uniform = torch.rand(real.shape, generator=generator, device=real.device)
+        return (real - torch.log(-torch.log(uniform))).argmax(-1)
 
 
 class GeneratorMaskedLM(nn.Module):
