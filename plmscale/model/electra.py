@@ -112,7 +112,8 @@ class Electra(nn.Module):
 
 class GeneratorMaskedLM(nn.Module):
     """ELECTRA's generator alone, as a masked LM over the shared embeddings: vocabulary-shard logits
-    [batch, seq, vocab] at every position (what transformers' `ElectraForMaskedLM` computes)."""
+    [batch, seq, vocab] at every position (what transformers' `ElectraForMaskedLM` computes), or
+    [targets, vocab] at those of `target_mask`, as `TransformerLM` gives them (fill-mask)."""
 
     def __init__(self, electra: Electra):
         super().__init__()
@@ -123,11 +124,13 @@ class GeneratorMaskedLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        disc, everywhere = self.electra.discriminator, torch.ones_like(input_ids, dtype=torch.bool)
+        disc = self.electra.discriminator
+        where = torch.ones_like(input_ids, dtype=torch.bool) if target_mask is None else target_mask
         embedded = disc.embed(input_ids, token_type_ids)
-        logits = self.electra.generator(embedded, attention_mask, everywhere, disc.word_embeddings.weight)
-        return logits.view(*input_ids.shape, -1)
+        logits = self.electra.generator(embedded, attention_mask, where, disc.word_embeddings.weight)
+        return logits.view(*input_ids.shape, -1) if target_mask is None else logits
 
 
 def build_model(cfg: ModelConfig, spec: LayerSpec | None = None) -> TransformerLM | Electra:
