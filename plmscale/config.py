@@ -317,6 +317,13 @@ class RunConfig(_Strict):
             )
         if self.distill and self.distill.student_layers is not None and not self.distill.student_layers:
             raise ValueError("distill.student_layers must not be empty")
+        if self.distill and (
+            self.model.span_boundary_head or self.model.generator_hidden_fraction is not None
+        ):
+            raise ValueError(
+                "distill: the distillation loss covers a trunk's token loss only, not SpanBERT's boundary head "
+                "(model.span_boundary_head) or ELECTRA's pair of models (model.generator_hidden_fraction)"
+            )
         return self
 
     def _check_pipeline(self) -> None:

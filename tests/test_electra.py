@@ -185,3 +185,4 @@ def test_bad_combinations_are_refused_naming_the_key(shards, tmp_path):
     )
     assert "must divide the generator's heads 1" in rejected(electra, parallel={"tensor_parallel": 2})
     assert "data.instances" in rejected(electra, data={"instances": str(tmp_path)})
+    assert "model.generator_hidden_fraction" in rejected(electra, distill={"teacher": str(tmp_path)})
