@@ -93,6 +93,19 @@ class ModelConfig(_Strict):
         description="ALBERT's cross-layer sharing: this many distinct layers (dividing num_layers), layer i "
         "running those of group i * layer_groups // num_layers (1: all layers share one)",
     )
+    span_boundary_head: bool = Field(
+        False,
+        exclude_if=lambda value: not value,
+        description="SpanBERT's span-boundary head (objective mlm_sbo)",
+    )
+    generator_hidden_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        exclude_if=lambda value: value is None,
+        description="ELECTRA (objective electra): this model is the discriminator, and a generator of this "
+        "fraction of its width (hidden size, heads, FFN; 1/4 to 1/3 in the paper) shares its embeddings",
+    )
     layernorm_eps: float = Field(1e-5, gt=0)
     hidden_dropout: float = Field(0.1, ge=0, lt=1)
     attention_dropout: float = Field(0.1, ge=0, lt=1)
@@ -107,7 +120,41 @@ class ModelConfig(_Strict):
         if self.pair_head and self.kind != "encoder":
             raise ValueError("model.pair_head needs model.kind: encoder")
         self._check_albert()
+        if self.span_boundary_head and self.kind != "encoder":
+            raise ValueError("model.span_boundary_head needs model.kind: encoder")
+        if self.generator_hidden_fraction is not None:
+            self._check_generator()
         return self
+
+    def _check_generator(self) -> None:
+        """ELECTRA is BERT's post-LN encoder (so it exports as transformers' ElectraFor* classes), without
+        a pair or span-boundary head; the generator's heads must divide its width."""
+        key = f"model.generator_hidden_fraction={self.generator_hidden_fraction}"
+        if self.kind != "encoder" or self.layernorm_position != "post" or not self.embedding_layernorm:
+            raise ValueError(
+                f"{key} (ELECTRA) builds BERT's encoder: set model.kind: encoder, "
+                "model.layernorm_position: post and model.embedding_layernorm: true"
+            )
+        if self.pair_head or self.span_boundary_head:
+            raise ValueError(f"{key} (ELECTRA) takes neither model.pair_head nor model.span_boundary_head")
+        gen = self.generator_config()
+        if gen.hidden_size % gen.num_heads:
+            raise ValueError(
+                f"{key}: the generator's {gen.num_heads} heads do not divide its hidden size {gen.hidden_size}"
+            )
+
+    def generator_config(self) -> ModelConfig:
+        """ELECTRA's generator: the discriminator's depth, `generator_hidden_fraction` of its hidden size,
+        heads and FFN width (as ELECTRA's `get_generator_config`), at least one head."""
+        fraction = self.generator_hidden_fraction
+        return self.model_copy(
+            update={
+                "hidden_size": max(1, round(self.hidden_size * fraction)),
+                "num_heads": max(1, round(self.num_heads * fraction)),
+                "ffn_hidden_size": max(1, round(self.ffn_size * fraction)),
+                "generator_hidden_fraction": None,
+            }
+        )
 
     def _check_albert(self) -> None:
         if self.embedding_size is not None:
@@ -285,6 +332,14 @@ class RunConfig(_Strict):
         ):
             if size % tp:
                 raise ValueError(f"parallel.tensor_parallel={tp} must divide {what}={size}")
+        if self.model.generator_hidden_fraction is not None:
+            gen = self.model.generator_config()
+            for what, size in (("heads", gen.num_heads), ("FFN width", gen.ffn_size)):
+                if size % tp:
+                    raise ValueError(
+                        f"parallel.tensor_parallel={tp} must divide the generator's {what} {size} "
+                        f"(model.generator_hidden_fraction={self.model.generator_hidden_fraction})"
+                    )
         stage = zero_stage(self.train.deepspeed_config)
         if self.parallel.pipeline_parallel > 1 and stage >= 2:
             raise ValueError(
@@ -300,6 +355,7 @@ class RunConfig(_Strict):
             )
         if self.distill and self.model.layer_groups is not None:
             raise ValueError("distill: a student with shared layers (model.layer_groups) is not supported")
+        self._check_pipeline_heads()
         if self.train.activation_checkpointing > self.model.num_layers:
             raise ValueError(
                 f"train.activation_checkpointing={self.train.activation_checkpointing} exceeds "
@@ -312,6 +368,13 @@ class RunConfig(_Strict):
             )
         if self.distill and self.distill.student_layers is not None and not self.distill.student_layers:
             raise ValueError("distill.student_layers must not be empty")
+        if self.distill and (
+            self.model.span_boundary_head or self.model.generator_hidden_fraction is not None
+        ):
+            raise ValueError(
+                "distill: the distillation loss covers a trunk's token loss only, not SpanBERT's boundary head "
+                "(model.span_boundary_head) or ELECTRA's pair of models (model.generator_hidden_fraction)"
+            )
         return self
 
     def _check_pipeline(self) -> None:
@@ -330,6 +393,21 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"parallel.pipeline_parallel={pp} must divide model.num_layers={layers} "
                 "(or set parallel.pipeline_partition)"
+            )
+
+    def _check_pipeline_heads(self) -> None:
+        """Pipeline stages pass hidden states and masks; these heads need more on the last stage."""
+        pp = self.parallel.pipeline_parallel
+        if pp > 1 and self.model.generator_hidden_fraction is not None:
+            raise ValueError(
+                f"parallel.pipeline_parallel={pp} with model.generator_hidden_fraction (ELECTRA): the "
+                "generator's samples feed the discriminator's first layer, a second pass through every "
+                "stage that DeepSpeed's pipeline schedule has no place for; use tensor_parallel and ZeRO"
+            )
+        if pp > 1 and self.model.span_boundary_head:
+            raise ValueError(
+                f"parallel.pipeline_parallel={pp} with model.span_boundary_head: the span boundaries do not "
+                "travel between pipeline stages; use tensor_parallel and ZeRO"
             )
 
     def warnings(self, world_size: int) -> list[str]:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from plmscale.config import ConfigError, ModelConfig, RunConfig, save_config
-from plmscale.model import TransformerLM
+from plmscale.model import Electra, TransformerLM, build_model
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.yaml", "tokenizer.model", "meta.json"
 
@@ -62,9 +62,9 @@ def load_meta(directory: str | Path) -> dict:
     return json.loads((Path(directory) / META).read_text())
 
 
-def load_local_model(directory: str | Path) -> tuple[TransformerLM, ModelConfig]:
+def load_local_model(directory: str | Path) -> tuple[TransformerLM | Electra, ModelConfig]:
     """The unsharded model in eval mode, for export, evaluation and inference."""
     cfg = load_run_config(directory).model
-    model = TransformerLM(cfg)
+    model = build_model(cfg)
     model.load_state_dict(load_state(directory))
     return model.eval(), cfg

@@ -142,6 +142,11 @@ def check_data(cfg: RunConfig, verify: bool) -> dict[str, Any]:
         raise ConfigError(
             f"data.shards={data.shards}: tokenizer {tokenizer} changed since the shards were built ({where})"
         )
+    words = cfg.objective.params.get("tokenizer")  # word starts of whole-word and span masking
+    if words is not None and not Path(words).is_file():
+        raise ConfigError(f"objective.params.tokenizer={words}: file not found")
+    if words is not None and file_sha256(words) != manifest["tokenizer"]["sha256"]:
+        raise ConfigError(f"objective.params.tokenizer={words} is not the shards' tokenizer {tokenizer}")
     objective = get_objective(cfg.objective.name, cfg.objective.params, cfg.model)
     window = objective.window_length(data.seq_length)
     splits = {"data.valid_split": data.valid_split}

@@ -26,6 +26,11 @@ def test_tp2_forward_and_backward_equal_unsharded_reference(tmp_path):
         assert diffs["logits"] < 1e-5 and diffs["all_logits"] < 1e-5
         assert diffs["grad_scale"] > 1e-3 and diffs["grads"] < 1e-5
         assert diffs["reload"] == 0.0
+    for name, terms in (("mlm_sbo", {"mlm", "sbo"}), ("electra", {"mlm", "rtd"})):
+        diffs = report[name]
+        assert set(diffs["term_values"]) == terms and min(diffs["term_values"].values()) > 0.1
+        assert diffs["terms"] < 1e-5 and diffs["same_samples"]
+        assert diffs["grad_scale"] > 1e-3 and diffs["grads"] < 1e-5
 
 
 def test_tp2_training_matches_tp1(shards, tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 
 from plmscale.data.loader import SampleOrder
 from plmscale.manifest import read_manifest, verify_file
-from plmscale.objectives import IGNORE_INDEX
+from plmscale.objectives import IGNORE_INDEX, Objective
 from plmscale.tokenizer import PAD_ID
 
 with warnings.catch_warnings():
@@ -99,7 +99,8 @@ class InstanceBatchSource(SampleOrder):
     """MLM batches from pre-masked instances, padded to `seq_length`: labels are IGNORE_INDEX except at
     the masked positions, so the `mlm` objective's loss applies unchanged; `token_type_ids` are the
     segments. Sets with pair labels (nsp, sop) add `pair_label`, one per sequence, which the pair
-    objectives (mlm_nsp, mlm_sop) train on and `mlm` ignores."""
+    objectives (mlm_nsp, mlm_sop) train on and `mlm` ignores; the `objective`, if given, adds what else it
+    reads of an instance (`Objective.instance_sample`: SpanBERT's span boundaries)."""
 
     def __init__(
         self,
@@ -110,6 +111,7 @@ class InstanceBatchSource(SampleOrder):
         dp_rank: int,
         seed: int,
         shuffle: bool = True,
+        objective: Objective | None = None,
     ):
         missing = {"tokens", "mask_positions", "mask_labels"} - set(instances.fields)
         if missing:
@@ -126,7 +128,7 @@ class InstanceBatchSource(SampleOrder):
         if len(instances) == 0:
             raise InstanceSetError(f"{instances.manifest['directory']}: holds no instance")
         super().__init__(len(instances), micro_batch_size, dp_size, dp_rank, seed, shuffle)
-        self.instances, self.seq_length = instances, seq_length
+        self.instances, self.seq_length, self.objective = instances, seq_length, objective
 
     def sample(self, index: int, position: int) -> dict[str, np.ndarray]:
         instance = self.instances[index]
@@ -148,4 +150,4 @@ class InstanceBatchSource(SampleOrder):
         }
         if "pair_label" in instance:
             sample["pair_label"] = instance["pair_label"][0].astype(np.int64)
-        return sample
+        return sample if self.objective is None else self.objective.instance_sample(sample, instance)

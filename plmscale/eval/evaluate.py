@@ -8,6 +8,7 @@ teacher and its student are scored on exactly the same targets.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -30,12 +31,24 @@ def check_same_tokenizer(model_dir: Path, shards_dir: str | Path) -> None:
         )
 
 
-def full_forward(
-    objective, batch: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Forward arguments without `target_mask`, so the timed pass is deployment's: logits everywhere."""
-    inputs = objective.model_inputs(batch)
-    return inputs, inputs.pop("target_mask", None)
+DEPLOYED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def deployed_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Forward arguments of the timed pass, deployment's: token ids in, logits at every position out."""
+    return {key: batch[key] for key in DEPLOYED_INPUTS if key in batch}
+
+
+def term_metrics(sums: dict, counts: dict, hits: dict) -> dict[str, float]:
+    """`loss`: the sum of the terms' means, as trained; `accuracy` and `targets`: the first term's (the
+    masked or next tokens); with several terms, each one's `loss/NAME` and `NAME_accuracy` too."""
+    first, *others = counts
+    means = {name: sums[name] / max(counts[name], 1) for name in counts}
+    metrics = {"loss": sum(means.values()), "accuracy": hits[first] / max(counts[first], 1)}
+    metrics["targets"] = counts[first]
+    for name in others:
+        metrics |= {f"loss/{name}": means[name], f"{name}_accuracy": hits[name] / max(counts[name], 1)}
+    return metrics
 
 
 def evaluate(
@@ -50,8 +63,10 @@ def evaluate(
     """Score the unsharded model on `batches` x `batch_size` held-out sequences.
 
     `loss` is the objective's loss summed over all targets / number of targets (not a mean of batch
-    means); `tokens_per_s` counts input positions of forward-only passes (logits at every position, as
-    in deployment) after one warm-up batch.
+    means), summed over its terms (SpanBERT's MLM + SBO, ELECTRA's generator MLM + weighted RTD);
+    `accuracy` is the masked (or next) tokens', with `sbo_accuracy`, `rtd_accuracy` for the other terms.
+    `tokens_per_s` counts input positions of forward-only passes (logits at every position, as in
+    deployment; ELECTRA's discriminator) after one warm-up batch.
     `seq_length` defaults to the model's training sequence length.
     """
     model_dir = Path(model_dir)
@@ -66,21 +81,20 @@ def evaluate(
     )
     data = source.micro_batches(step=0, accumulation=batches)
 
-    loss_sum, targets, correct, seconds = 0.0, 0, 0, 0.0
+    sums, counts, hits, seconds = Counter(), Counter(), Counter(), 0.0
+    deployed = getattr(model, "deployed", model)  # ELECTRA: the discriminator
     with torch.inference_mode():
-        model(**full_forward(objective, data[0])[0])  # warm-up: first-call allocations stay out of the timing
+        deployed(**deployed_inputs(data[0]))  # warm-up: first-call allocations stay out of the timing
         for batch in data:
-            inputs, target_mask = full_forward(objective, batch)
             start = time.perf_counter()
-            logits = model(**inputs)
+            deployed(**deployed_inputs(batch))
             seconds += time.perf_counter() - start
-            # the rows the head gives with `target_mask`, in the same order
-            logits = logits.flatten(0, -2) if target_mask is None else logits[target_mask]
-            batch_sum, count = objective.loss(logits, batch, model.spec)
-            predicted = model.spec.gather_logits(logits).argmax(-1)
-            loss_sum += float(batch_sum)
-            targets += count
-            correct += int((predicted == objective.targets(batch)).sum())
+            # scored as training's evaluation scores: the objective's own inputs and loss terms
+            outputs = model(**objective.model_inputs(batch))
+            for name, term in objective.loss_terms(outputs, batch, model.spec, count_correct=True).items():
+                sums[name] += float(term.sum)
+                counts[name] += term.count
+                hits[name] += term.correct
     tokens = sum(batch["input_ids"].numel() for batch in data)
     return {
         "model_dir": str(model_dir),
@@ -92,9 +106,7 @@ def evaluate(
         "batches": batches,
         "batch_size": batch_size,
         "seq_length": seq_length,
-        "loss": loss_sum / max(targets, 1),
-        "accuracy": correct / max(targets, 1),
-        "targets": targets,
+        **term_metrics(sums, counts, hits),
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "threads": torch.get_num_threads(),

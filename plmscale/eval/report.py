@@ -91,6 +91,16 @@ def model_row(name: str, result: dict) -> str:
     )
 
 
+def term_rows(result: dict) -> list[str]:
+    """The objective's other loss terms (SpanBERT's SBO, ELECTRA's RTD); `loss` above is their sum with the
+    masked-token term, whose accuracy (ELECTRA: the generator's) is the table's."""
+    names = [key.removeprefix("loss/") for key in result if key.startswith("loss/")]
+    return [
+        f"  {'':<8} {name}: loss {result[f'loss/{name}']:.4f}, accuracy {result[f'{name}_accuracy']:.4f}"
+        for name in names
+    ]
+
+
 def comparison(teacher: dict, student: dict | None) -> list[str]:
     t = teacher
     lines = [
@@ -98,10 +108,11 @@ def comparison(teacher: dict, student: dict | None) -> list[str]:
         f"seed {t['seed']}, {t['targets']} targets, CPU with {t['threads']} threads):",
         f"  {'model':<8} {'loss':>9} {'accuracy':>9} {'tokens/s':>11} {'parameters':>12}  directory",
         model_row("teacher", teacher),
+        *term_rows(teacher),
     ]
     if student is None:
         return lines
-    lines.append(model_row("student", student))
+    lines += [model_row("student", student), *term_rows(student)]
     if student["targets"] != teacher["targets"]:
         lines.append(
             "  warning: teacher and student were scored on different targets (batch shape or seed differ)"

@@ -2,7 +2,8 @@
 
     plmscale export --model runs/bert_tiny_demo/model --format hf --output exports/bert_tiny_hf
 
-The encoder is exactly Megatron-BERT (pre-LN, no embedding LayerNorm, final LayerNorm, BERT's MLM head
+ELECTRA's discriminator and generator are written as two checkpoints (`hf_electra.py`). The encoder is
+exactly Megatron-BERT (pre-LN, no embedding LayerNorm, final LayerNorm, BERT's MLM head
 tied to the word embedding) and loads as `MegatronBertForMaskedLM`, or with its pair head (pooler and NSP /
 SOP classifier) as `MegatronBertForPreTraining`; built with `model.layernorm_position: post` and
 `model.embedding_layernorm` it is exactly BERT (`BertForMaskedLM` / `BertForPreTraining`), and without a pair
@@ -96,6 +97,10 @@ def export_hf(model_dir: str | Path, output_dir: str | Path, family: str | None 
     (e.g. "Roberta") picks another transformers family that computes the same as the model's own."""
     model_dir, out = Path(model_dir), Path(output_dir)
     model, cfg = load_local_model(model_dir)
+    if cfg.generator_hidden_fraction is not None:  # two checkpoints, the discriminator and the generator
+        from plmscale.export.hf_electra import export_electra
+
+        return export_electra(model, model_dir / TOKENIZER, out)
     try:
         config = hf_config(cfg, family)
     except ValueError as err:

@@ -13,7 +13,8 @@ from typing import Literal
 import torch
 
 from plmscale.errors import UserError
-from plmscale.model import TransformerLM
+from plmscale.model import Electra, TransformerLM
+from plmscale.model.electra import GeneratorMaskedLM
 from plmscale.tokenizer import MASK_ID, WORD_START, Tokenizer
 
 # Logits over the real vocabulary (never the padding rows of a padded embedding) at the positions selected by
@@ -32,7 +33,10 @@ class LanguageModel:
 
     @classmethod
     def from_plmscale(
-        cls, model: TransformerLM, tokenizer: Tokenizer, device: str | torch.device = "cpu"
+        cls,
+        model: TransformerLM | GeneratorMaskedLM,
+        tokenizer: Tokenizer,
+        device: str | torch.device = "cpu",
     ) -> LanguageModel:
         """A `TransformerLM` and the SentencePiece tokenizer it was trained with."""
         model = model.to(device).eval()
@@ -96,6 +100,8 @@ def load_language_model(directory: str | Path, device: str = "cpu") -> LanguageM
                 f"{directory}: no {TOKENIZER}; generation and fill-mask need the model's tokenizer"
             )
         model, _ = load_local_model(directory)
+        if isinstance(model, Electra):  # the generator is ELECTRA's masked LM
+            model = GeneratorMaskedLM(model)
         return LanguageModel.from_plmscale(model, Tokenizer(directory / TOKENIZER), device)
     if (directory / "config.json").is_file():
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer

@@ -1,6 +1,7 @@
 """The transformer trunk and its heads; parallelism is applied from plmscale.parallel."""
 
+from plmscale.model.electra import Electra, build_model
 from plmscale.model.layers import LayerSpec, LocalLayers
 from plmscale.model.transformer import TransformerLM
 
-__all__ = ["LayerSpec", "LocalLayers", "TransformerLM"]
+__all__ = ["Electra", "LayerSpec", "LocalLayers", "TransformerLM", "build_model"]

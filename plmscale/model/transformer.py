@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plmscale.config import ModelConfig
-from plmscale.model.heads import PairHead, build_head
+from plmscale.model.heads import PairHead, SpanBoundaryHead, build_head
 from plmscale.model.layers import LayerSpec, LocalLayers, activation
 
 
@@ -115,7 +115,8 @@ class TransformerLM(nn.Module):
     Returns vocabulary-shard logits; the spec's `cross_entropy` / `gather_logits` consume them. With
     `target_mask`, the head runs only where it is True and returns [targets, vocab]: MLM predicts ~15 % of
     positions, and the vocabulary projection is the costliest matmul of a small model. With `classify_pair`
-    (a model with `pair_head`), returns (those logits, [batch, 2] pair logits from the first position).
+    (a model with `pair_head`), returns (those logits, [batch, 2] pair logits from the first position);
+    with `span_boundaries` (a model with `span_boundary_head`), the span-boundary logits come last.
 
     Built as a `part`, it holds only that slice; `embed`, `encode` and `output` run the slices in turn (a
     part with the head but not the embeddings still holds the word embedding, which the head is tied to).
@@ -167,6 +168,7 @@ class TransformerLM(nn.Module):
                 )
                 self.head = build_head(cfg, spec)
                 self.pair_head = PairHead(cfg) if cfg.pair_head else None
+                self.span_boundary_head = SpanBoundaryHead(cfg, spec) if cfg.span_boundary_head else None
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -188,16 +190,24 @@ class TransformerLM(nn.Module):
         return x
 
     def output(
-        self, x: torch.Tensor, target_mask: torch.Tensor | None = None, classify_pair: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self,
+        x: torch.Tensor,
+        target_mask: torch.Tensor | None = None,
+        classify_pair: bool = False,
+        span_boundaries: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if classify_pair and self.pair_head is None:
             raise ValueError("classify_pair needs a model built with model.pair_head: true")
+        if span_boundaries is not None and self.span_boundary_head is None:
+            raise ValueError("span_boundaries needs a model built with model.span_boundary_head: true")
         hidden = self.final_ln(x) if self.final_ln is not None else x
-        pair_logits = self.pair_head(hidden[:, 0]) if classify_pair else None
+        extra = [self.pair_head(hidden[:, 0])] if classify_pair else []
+        if span_boundaries is not None:
+            extra.append(self.span_boundary_head(hidden, span_boundaries, self.word_embeddings.weight))
         if target_mask is not None:
             hidden = hidden[target_mask]
         logits = self.head(hidden, self.word_embeddings.weight)
-        return (logits, pair_logits) if classify_pair else logits
+        return (logits, *extra) if extra else logits
 
     def hidden_states(
         self,
@@ -223,6 +233,7 @@ class TransformerLM(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
         classify_pair: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        span_boundaries: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         x = self.encode(self.embed(input_ids, token_type_ids), attention_mask)
-        return self.output(x, target_mask, classify_pair)
+        return self.output(x, target_mask, classify_pair, span_boundaries)

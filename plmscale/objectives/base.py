@@ -44,6 +44,10 @@ class Objective:
         """Model inputs (`input_ids`, optional `attention_mask`, `token_type_ids`) and `labels`."""
         raise NotImplementedError
 
+    def instance_sample(self, sample: dict[str, np.ndarray], instance: dict[str, np.ndarray]) -> dict:
+        """A padded sample built from a pre-built instance, with what else this objective reads of it."""
+        return sample
+
     def check_instances(self, manifest: dict) -> None:
         """Raise ValueError, naming the missing fields, if an instance set cannot train this objective."""
         missing = sorted(self.instance_fields - set(manifest["fields"]))

@@ -10,12 +10,13 @@ n-gram units (ALBERT's: n whole words) take word starts from the tokenizer's U+2
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from plmscale.data.masking import PRESETS, Masker, MaskingConfig, word_start_table
+from plmscale.data.masking import PRESETS, Masked, Masker, MaskingConfig, word_start_table
 from plmscale.objectives import register
 from plmscale.objectives.base import IGNORE_INDEX, Objective
 from plmscale.tokenizer import CLS_ID, SEP_ID, Tokenizer
@@ -52,20 +53,36 @@ class MaskedLM(Objective):
 
     def __init__(self, params: MLMParams, model_cfg):
         super().__init__(params, model_cfg)
+        if model_cfg.generator_hidden_fraction is not None and self.name != "electra":
+            raise ValueError(
+                "model.generator_hidden_fraction builds ELECTRA's discriminator and generator, which "
+                f"objective {self.name!r} does not train: use objective electra"
+            )
         preset = PRESETS[{"token": "mlm", "word": "wwm"}.get(params.unit, params.unit)]
         masking = MaskingConfig.model_validate(
             preset.model_dump() | params.model_dump(include={"mask_prob", "replace_mask", "replace_random"})
         )
         self.masker = Masker(masking, model_cfg.vocab_size)
-        self.word_start = None if params.unit == "token" else word_start_table(Tokenizer(params.tokenizer))
+
+    @cached_property
+    def word_start(self) -> np.ndarray | None:
+        """Per vocabulary id, does its piece start a word (units word and span). Read when masking first, so
+        that a recipe validates without its files; `plmscale.preflight` checks the tokenizer before launch."""
+        return None if self.params.unit == "token" else word_start_table(Tokenizer(self.params.tokenizer))
 
     def window_length(self, seq_length: int) -> int:
         return seq_length - 2  # room for [CLS] and [SEP]
 
     def make_example(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return self.masked_example(tokens, rng)[0]
+
+    def masked_example(
+        self, tokens: np.ndarray, rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], Masked]:
+        """`make_example` and the masker's output it came from (the masked units, for SpanBERT)."""
         input_ids = np.concatenate([[CLS_ID], tokens, [SEP_ID]]).astype(np.int64)
         word_starts = None if self.word_start is None else self.word_start[input_ids]
         masked = self.masker.mask(input_ids, rng, word_starts=word_starts)
         labels = np.full_like(input_ids, IGNORE_INDEX)
         labels[masked.positions] = masked.labels
-        return {"input_ids": masked.input_ids, "labels": labels}
+        return {"input_ids": masked.input_ids, "labels": labels}, masked

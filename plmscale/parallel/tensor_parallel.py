@@ -18,7 +18,7 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 
 from plmscale.config import ModelConfig
-from plmscale.model import TransformerLM
+from plmscale.model import Electra, TransformerLM, build_model
 from plmscale.model.layers import LocalLayers, normal_init
 
 
@@ -118,6 +118,8 @@ class MegatronLayers:
         return _GatherLastDim.apply(logits, self.group) if self.group.size() > 1 else logits
 
 
-def build_parallel_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32) -> TransformerLM:
+def build_parallel_model(
+    cfg: ModelConfig, params_dtype: torch.dtype = torch.float32
+) -> TransformerLM | Electra:
     """The one place where the model meets tensor parallelism."""
-    return TransformerLM(cfg, MegatronLayers(params_dtype))
+    return build_model(cfg, MegatronLayers(params_dtype))

@@ -159,7 +159,7 @@ class Trainer:
         order = (t.micro_batch_size, self.topo.dp_size, self.topo.dp_rank, t.seed, shuffle)
         if data.instances and split == data.train_split:
             instances = InstanceSet(data.instances, verify=False)  # verified before launch
-            return InstanceBatchSource(instances, data.seq_length, *order)
+            return InstanceBatchSource(instances, data.seq_length, *order, objective=self.objective)
         stream = PackedStream.from_manifest(data.shards, split, verify=False)
         return BatchSource(stream, self.objective, data.seq_length, *order)
 
