@@ -11,6 +11,7 @@ pytestmark = pytest.mark.distributed
 
 
 def test_tp2_forward_and_backward_equal_unsharded_reference(tmp_path):
+    """The model, and every distillation loss from a TP=2 teacher into a narrower TP=2 student."""
     out = tmp_path / "tp.json"
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -26,6 +27,10 @@ def test_tp2_forward_and_backward_equal_unsharded_reference(tmp_path):
         assert diffs["logits"] < 1e-5 and diffs["all_logits"] < 1e-5
         assert diffs["grad_scale"] > 1e-3 and diffs["grads"] < 1e-5
         assert diffs["reload"] == 0.0
+        distill = report["distill"][kind]  # a TP=2 teacher and student give the TP=1 losses and gradients
+        assert len(distill["terms"]) == 8 and min(abs(v) for v in distill["terms"].values()) > 1e-4
+        assert distill["terms_diff"] < 1e-5
+        assert distill["grad_scale"] > 1e-3 and distill["grads"] < 1e-5 and distill["projection_grads"] < 1e-5
 
 
 def test_tp2_training_matches_tp1(shards, tmp_path):

@@ -1,6 +1,6 @@
 """The transformer trunk and its heads; parallelism is applied from plmscale.parallel."""
 
 from plmscale.model.layers import LayerSpec, LocalLayers
-from plmscale.model.transformer import TransformerLM
+from plmscale.model.transformer import Capture, TransformerLM
 
-__all__ = ["LayerSpec", "LocalLayers", "TransformerLM"]
+__all__ = ["Capture", "LayerSpec", "LocalLayers", "TransformerLM"]
