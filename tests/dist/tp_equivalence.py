@@ -110,11 +110,13 @@ def compare_distillation(kind: str) -> dict:
     projections = [{k: p.grad for k, p in run.trainable.named_parameters()} for run in runs]
     return {
         "terms": sums[1],
+        # relative to the term (absolute below 1: a KL near zero is a difference of nearly equal logs)
         "terms_diff": max(
-            abs(sums[0][name] - sums[1][name]) / max(abs(sums[1][name]), 1e-6) for name in sums[1]
+            abs(sums[0][name] - sums[1][name]) / max(abs(sums[1][name]), 1.0) for name in sums[1]
         ),
         "grads": max_diff(*grads),
-        "projection_grads": max_diff(*projections),
+        "projection_grads": max_diff(*projections)
+        / max(g.abs().max().item() for g in projections[1].values()),
         "grad_scale": max(g.abs().max().item() for g in grads[1].values()),
     }
 

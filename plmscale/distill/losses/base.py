@@ -38,17 +38,19 @@ def layer_pairs(
 ) -> list[tuple[int, int]]:
     m, n = student.num_layers, teacher.num_layers
     if layers == "uniform":
-        return [(i, round((i + 1) * n / m) - 1) for i in range(m)]
-    if layers == "last":
-        return [(m - 1, n - 1)]
-    if not layers:
+        pairs = [(i, round((i + 1) * n / m) - 1) for i in range(m)]
+    elif layers == "last":
+        pairs = [(m - 1, n - 1)]
+    else:
+        pairs = [(s, t) for s, t in layers]
+    if not pairs:
         raise ValueError(f"{key}: an explicit layer map needs at least one [student, teacher] pair")
-    for s, t in layers:
+    for s, t in pairs:
         if not (0 <= s < m and 0 <= t < n):
             raise ValueError(
                 f"{key}: pair [{s}, {t}] outside the student's layers 0..{m - 1} or the teacher's 0..{n - 1}"
             )
-    return [(s, t) for s, t in layers]
+    return pairs
 
 
 @dataclass
