@@ -268,7 +268,12 @@ def test_layer_maps():
     [
         ("hidden", {"layers": [[0, 1], [2, 3]]}, STUDENT, r"distill.losses.1.layers: pair \[2, 3\] outside"),
         ("attention", {"layers": [[0, 4]]}, STUDENT, r"distill.losses.1.layers: pair \[0, 4\] outside"),
-        ("hidden", {}, TEACHER.model_copy(update={"num_layers": 9}), r"losses.1.layers: pair \[0, -1\] outside"),
+        (
+            "hidden",
+            {},
+            TEACHER.model_copy(update={"num_layers": 9}),
+            r"losses.1.layers: pair \[0, -1\] outside",
+        ),
         ("attention", {}, NARROW, r"distill.losses.1 compares attention head by head: model.num_heads=2"),
         ("minilm", {"teacher_layer": 4}, STUDENT, r"distill.losses.1.teacher_layer=4 outside"),
         ("minilm_v2", {"relation_heads": 3}, STUDENT, r"distill.losses.1.relation_heads=3 must divide"),
