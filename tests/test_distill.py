@@ -21,6 +21,7 @@ from plmscale.objectives import IGNORE_INDEX, get_objective
 TEACHER = ModelConfig(kind="encoder", vocab_size=200, hidden_size=32, num_layers=4, num_heads=4,
                       max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
 STUDENT = TEACHER.model_copy(update={"num_layers": 2})
+DEEP = TEACHER.model_copy(update={"num_layers": 9})  # deeper than its teacher: uniform maps layer 0 to -1
 NARROW = TEACHER.model_copy(
     update={"num_layers": 2, "hidden_size": 16, "num_heads": 2, "ffn_hidden_size": 40}
 )
@@ -268,12 +269,7 @@ def test_layer_maps():
     [
         ("hidden", {"layers": [[0, 1], [2, 3]]}, STUDENT, r"distill.losses.1.layers: pair \[2, 3\] outside"),
         ("attention", {"layers": [[0, 4]]}, STUDENT, r"distill.losses.1.layers: pair \[0, 4\] outside"),
-        (
-            "hidden",
-            {},
-            TEACHER.model_copy(update={"num_layers": 9}),
-            r"losses.1.layers: pair \[0, -1\] outside",
-        ),
+        ("hidden", {}, DEEP, r"distill.losses.1.layers: pair \[0, -1\] outside"),
         ("attention", {}, NARROW, r"distill.losses.1 compares attention head by head: model.num_heads=2"),
         ("minilm", {"teacher_layer": 4}, STUDENT, r"distill.losses.1.teacher_layer=4 outside"),
         ("minilm_v2", {"relation_heads": 3}, STUDENT, r"distill.losses.1.relation_heads=3 must divide"),
