@@ -114,6 +114,25 @@ def test_capture_records_what_the_attention_used(kind):
         assert torch.allclose(layer.attn.proj(heads), expected, atol=1e-5)
 
 
+def test_capture_under_activation_checkpointing_gives_the_same_gradients():
+    from plmscale.parallel.checkpointing import checkpoint_layers
+
+    torch.manual_seed(0)
+    plain = TransformerLM(TEACHER.model_copy(update={"kind": "decoder"}))
+    recomputed = copy.deepcopy(plain)
+    assert checkpoint_layers(recomputed, 1) == 4
+    ids = torch.randint(5, 200, (2, 8))
+    grads = []
+    for model in (plain, recomputed):
+        capture = Capture(hidden=True, attention_layers={1})
+        logits = model(ids, capture=capture)
+        loss = logits.pow(2).mean() + capture.qkv[1][0].pow(2).sum() + capture.hidden_states[2].pow(3).mean()
+        loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][name], grads[1][name], atol=1e-6) for name in grads[0])
+    assert grads[0]["layers.1.attn.qkv.weight"].abs().sum() > 0
+
+
 # --- each loss against a reference written out with loops, on tiny random tensors -------------------------
 
 B, S = 2, 5
