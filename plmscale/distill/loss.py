@@ -43,6 +43,10 @@ def term_counts(cfg: DistillConfig, objective: Objective, batch: dict[str, torch
 
 
 class Distillation:
+    """Called like an objective's `loss_terms` with the student's logits: runs the teacher on the batch and
+    returns each weighted loss as a term; `capture()` first, for a student forward that records what the
+    losses read."""
+
     def __init__(
         self,
         cfg: DistillConfig,
