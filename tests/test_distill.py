@@ -237,7 +237,9 @@ def test_attention_scores_and_distributions_over_a_layer_map(causal):
                     scores_of(v.student, s, (0, 1), b, h, i, keys),
                     scores_of(v.teacher, t, (0, 1), b, h, i, keys),
                 )
-                return sum((x - y) ** 2 for x, y in zip(a, c, strict=True)) if form == "scores" else kl(c, a)
+                if form == "probs":
+                    return kl(c, a)
+                return sum((x - y) ** 2 for x, y in zip(a, c, strict=True)) / len(keys)
 
             expected += per_query_mean_over_heads(v, 4, value)
         assert loss(v).item() == pytest.approx(expected, rel=1e-5)

@@ -37,14 +37,18 @@ def attention_scores(capture: Capture, layer: int, spec, heads: int) -> torch.Te
 
 
 def score_error(student: torch.Tensor, teacher: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
-    """Squared differences of the scores summed over the keys each query attends to: [batch, heads, seq]."""
+    """Mean squared difference of the scores over the keys each query attends to: [batch, heads, seq]
+    (TinyBERT's element-wise MSE, whatever the sequence length)."""
     squared = (student - teacher).pow(2)
-    return (squared if attend is None else squared.masked_fill(~attend, 0.0)).sum(-1)
+    if attend is None:
+        return squared.mean(-1)
+    return squared.masked_fill(~attend, 0.0).sum(-1) / attend.sum(-1).clamp(min=1)
 
 
 class Attention(DistillLoss):
-    """Per query token: the mean over heads of the summed squared score errors (`scores`) or of the KL
-    between the teacher's and the student's attention distributions (`probs`); summed over mapped layers."""
+    """Per query token: the mean over heads of the mean squared score error over its keys (`scores`) or of
+    the KL between the teacher's and the student's attention distributions (`probs`); summed over mapped
+    layers."""
 
     name = "attention"
 
