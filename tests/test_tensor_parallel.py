@@ -16,7 +16,7 @@ def test_tp2_forward_and_backward_equal_unsharded_reference(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
          str(free_port()), str(REPO / "tests" / "dist" / "tp_equivalence.py"), str(out)],
-        check=True, cwd=REPO, timeout=240,
+        check=True, cwd=REPO, timeout=360,
     )  # fmt: skip
     report = json.loads(out.read_text())
     assert report["tp_size"] == 2
