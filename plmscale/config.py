@@ -298,14 +298,43 @@ class TrainConfig(_Strict):
     )
 
 
+class DistillLossConfig(_Strict):
+    """One entry of `distill.losses`: a registered loss (plmscale/distill/losses/), its weight, and its own
+    keys, which that loss validates."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = Field(1.0, ge=0)
+
+
 class DistillConfig(_Strict):
-    """Teacher -> student: the student keeps `student_layers` of the teacher's layers (default: every
-    other one) and learns from the teacher's temperature-softened outputs plus the hard loss."""
+    """Teacher -> student: the student (the recipe's `model`, shallower and/or narrower) starts from
+    `student_layers` of the teacher's layers (default: evenly spaced), sliced to its width, and learns from
+    `losses` (default: the teacher's temperature-softened outputs, weight alpha, plus the hard loss)."""
 
     teacher: str = Field(description="a model directory written by `plmscale train`")
     student_layers: list[int] | None = None
-    temperature: float = Field(2.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft (teacher) loss")
+    temperature: float | None = Field(None, gt=0, description="of the default soft loss; default 2.0")
+    alpha: float | None = Field(None, ge=0, le=1, description="weight of the default soft loss; default 0.5")
+    losses: list[DistillLossConfig] | None = Field(
+        None, description="weighted losses, e.g. [{name: logits, temperature: 2}, {name: hidden, weight: 1}]"
+    )
+
+    @model_validator(mode="after")
+    def _losses_or_alpha(self) -> DistillConfig:
+        given = [key for key in ("temperature", "alpha") if getattr(self, key) is not None]
+        if self.losses is not None and given:
+            raise ValueError(f"distill.{given[0]} sets the default losses; with distill.losses, weight each")
+        if self.losses is not None and not self.losses:
+            raise ValueError("distill.losses must not be empty")
+        return self
+
+    def loss_entries(self) -> list[tuple[str, float, dict[str, Any]]]:
+        """(name, weight, the loss's own keys) of each loss, the defaults spelled out."""
+        if self.losses is None:
+            alpha, temperature = self.alpha if self.alpha is not None else 0.5, self.temperature or 2.0
+            return [("logits", alpha, {"temperature": temperature}), ("hard", 1 - alpha, {})]
+        return [(entry.name, entry.weight, dict(entry.model_extra)) for entry in self.losses]
 
 
 class RunConfig(_Strict):
@@ -628,12 +657,31 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     _check_schedule(file, config)
     if config.train.init_from:
         _check_init_from(file, config)
+    if config.distill:
+        _check_distill_losses(file, config)
     if config.distill and objective.pair_task:
         raise ConfigError(
             f"{file}: distill: the distillation loss covers the token loss only, not objective "
             f"{objective.name!r}'s pair loss; use objective mlm (the student keeps the teacher's pair head)"
         )
     return config
+
+
+def _check_distill_losses(file: Path, config: RunConfig) -> None:
+    """Each loss's own keys; what needs the teacher's shape is checked before launch (plmscale/preflight.py)."""
+    from plmscale.distill.losses import loss_class, validated_params
+
+    for index, (name, _, params) in enumerate(config.distill.loss_entries()):
+        key = f"distill.losses.{index}"
+        try:
+            validated_params(name, params, key)
+        except ValueError as err:
+            raise ConfigError(f"{file}: {err}") from None
+        if loss_class(name, key).internals and config.parallel.pipeline_parallel > 1:
+            raise ConfigError(
+                f"{file}: {key}.name={name} reads the student's layers, which pipeline stages split: "
+                "needs parallel.pipeline_parallel=1"
+            )
 
 
 def _check_schedule(file: Path, config: RunConfig) -> None:

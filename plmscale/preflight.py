@@ -195,12 +195,13 @@ def _check_instances(cfg: RunConfig, shards: dict, objective, verify: bool) -> N
 
 
 def check_teacher(cfg: RunConfig, shards: dict[str, Any]) -> None:
-    """Distillation: the teacher is a model directory, the student a shallower copy of its shape, and the
-    teacher was trained on the shards' tokenizer."""
+    """Distillation: the teacher is a model directory, the student differs from it in shape only, its losses
+    fit both shapes, and the teacher was trained on the shards' tokenizer."""
     if cfg.distill is None:
         return
     from plmscale import model_dir
     from plmscale.distill import default_student_layers
+    from plmscale.distill.losses import build_loss
     from plmscale.distill.student import check_student_config
 
     teacher = Path(cfg.distill.teacher)
@@ -222,8 +223,16 @@ def check_teacher(cfg: RunConfig, shards: dict[str, Any]) -> None:
     )
     try:
         check_student_config(teacher_model, cfg.model, layers)
+        for index, (name, _, params) in enumerate(cfg.distill.loss_entries()):
+            build_loss(name, params, cfg.model, teacher_model, f"distill.losses.{index}")
     except ValueError as err:
         raise ConfigError(f"{err} ({key})") from None
+    tp = cfg.parallel.tensor_parallel
+    if teacher_model.num_heads % tp or teacher_model.ffn_size % tp:
+        raise ConfigError(
+            f"parallel.tensor_parallel={tp} must divide the teacher's heads ({teacher_model.num_heads}) and "
+            f"FFN ({teacher_model.ffn_size}), as the teacher runs in the student's layout ({key})"
+        )
     if file_sha256(teacher / model_dir.TOKENIZER) != shards["tokenizer"]["sha256"]:
         raise ConfigError(f"{key}: trained with another tokenizer than data.shards={cfg.data.shards}")
 

@@ -11,11 +11,12 @@ pytestmark = pytest.mark.distributed
 
 
 def test_tp2_forward_and_backward_equal_unsharded_reference(tmp_path):
+    """The model, and every distillation loss from a TP=2 teacher into a narrower TP=2 student."""
     out = tmp_path / "tp.json"
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
          str(free_port()), str(REPO / "tests" / "dist" / "tp_equivalence.py"), str(out)],
-        check=True, cwd=REPO, timeout=240,
+        check=True, cwd=REPO, timeout=360,
     )  # fmt: skip
     report = json.loads(out.read_text())
     assert report["tp_size"] == 2
@@ -26,6 +27,11 @@ def test_tp2_forward_and_backward_equal_unsharded_reference(tmp_path):
         assert diffs["logits"] < 1e-5 and diffs["all_logits"] < 1e-5
         assert diffs["grad_scale"] > 1e-3 and diffs["grads"] < 1e-5
         assert diffs["reload"] == 0.0
+    for kind in ("encoder", "decoder"):
+        distill = report["distill"][kind]  # a TP=2 teacher and student give the TP=1 losses and gradients
+        assert len(distill["terms"]) == 8 and min(abs(v) for v in distill["terms"].values()) > 1e-4
+        assert distill["terms_diff"] < 1e-5
+        assert distill["grad_scale"] > 1e-3 and distill["grads"] < 1e-5 and distill["projection_grads"] < 1e-5
     for name, terms in (("mlm_sbo", {"mlm", "sbo"}), ("electra", {"mlm", "rtd"})):
         diffs = report[name]
         assert set(diffs["term_values"]) == terms and min(diffs["term_values"].values()) > 0.1

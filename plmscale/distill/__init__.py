@@ -1,6 +1,6 @@
-"""Teacher -> student distillation: student initialization and the distillation loss."""
+"""Teacher -> student distillation: student initialization and the distillation losses."""
 
-from plmscale.distill.loss import DistillationLoss
+from plmscale.distill.loss import Distillation
 from plmscale.distill.student import default_student_layers, student_state_from_teacher
 
-__all__ = ["DistillationLoss", "default_student_layers", "student_state_from_teacher"]
+__all__ = ["Distillation", "default_student_layers", "student_state_from_teacher"]

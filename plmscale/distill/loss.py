@@ -1,36 +1,109 @@
-"""The distillation loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * the objective's hard loss.
+"""Distillation: the teacher and a run's weighted losses (`distill.losses`), each its own loss term.
 
-Both terms are summed over the objective's target positions (masked tokens for MLM, every next token for
-causal LM) and share its count, so the trainer normalizes them like any other loss. Logits are gathered
-over the vocabulary shards only at those positions.
+Each loss returns a sum over what it scores (the objective's targets, or the batch's real tokens) and is one
+term of the step, named after it, so that the trainer normalizes it by its own global count: the optimized
+loss is sum_i weight_i * sum_i / count_i. The student records only what some loss reads (`capture`), the
+teacher likewise; with none, both run their plain forward.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from plmscale.objectives import Objective
+from plmscale.config import DistillConfig, ModelConfig
+from plmscale.distill.losses import DistillLoss, Views, build_loss, loss_class
+from plmscale.model import Capture
+from plmscale.objectives import LossTerm, Objective
 
 
-class DistillationLoss:
-    def __init__(self, teacher: nn.Module, objective: Objective, temperature: float, alpha: float):
+def request(captures: list[Capture]) -> tuple[bool, frozenset[int]] | None:
+    """(hidden states?, attention layers) that the given captures ask for together; None for nothing."""
+    hidden = any(c.hidden for c in captures)
+    layers = frozenset().union(*(c.attention_layers for c in captures))
+    return (hidden, layers) if hidden or layers else None
+
+
+def term_names(losses: list[str]) -> list[str]:
+    """The loss terms' names: each loss's, numbered from its second use (hidden, hidden_2)."""
+    return [name if not (k := losses[:i].count(name)) else f"{name}_{k + 1}" for i, name in enumerate(losses)]
+
+
+def term_counts(cfg: DistillConfig, objective: Objective, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Each term's count, known before the forward pass (on every pipeline stage, teacher or not): the
+    objective's targets, or the real tokens of the batch."""
+    targets = objective.target_count(batch)
+    mask = batch.get("attention_mask")
+    tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    names = [name for name, _, _ in cfg.loss_entries()]
+    return {
+        term: targets if loss_class(name, term).per == "targets" else tokens
+        for term, name in zip(term_names(names), names, strict=True)
+    }
+
+
+class Distillation:
+    """Called like an objective's `loss_terms` with the student's logits: runs the teacher on the batch and
+    returns each weighted loss as a term; `capture()` first, for a student forward that records what the
+    losses read."""
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        teacher: nn.Module,
+        objective: Objective,
+        losses: list[tuple[float, DistillLoss]],
+    ):
+        self.cfg, self.objective = cfg, objective
         self.teacher = teacher.eval().requires_grad_(False)
-        self.objective, self.temperature, self.alpha = objective, temperature, alpha
+        names = term_names([loss.name for _, loss in losses])
+        self.losses: dict[str, tuple[float, DistillLoss]] = dict(zip(names, losses, strict=True))
+        # Learned parameters of the losses (projections), trained with the student: empty for most runs.
+        self.trainable = nn.ModuleDict(
+            {name: loss for name, (_, loss) in self.losses.items() if any(True for _ in loss.parameters())}
+        )
+        self._student_request = request([loss.student_capture for _, loss in self.losses.values()])
+        self._teacher_request = request([loss.teacher_capture for _, loss in self.losses.values()])
+        self._pending: Capture | None = None
 
-    def __call__(
-        self, logits: torch.Tensor, batch: dict[str, torch.Tensor], spec
-    ) -> tuple[torch.Tensor, int]:
-        hard_sum, count = self.objective.loss(logits, batch, spec)
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DistillConfig,
+        teacher: nn.Module,
+        teacher_cfg: ModelConfig,
+        student_cfg: ModelConfig,
+        objective: Objective,
+    ) -> Distillation:
+        losses = [
+            (weight, build_loss(name, params, student_cfg, teacher_cfg, f"distill.losses.{index}"))
+            for index, (name, weight, params) in enumerate(cfg.loss_entries())
+        ]
+        return cls(cfg, teacher, objective, losses)
+
+    def capture(self) -> Capture | None:
+        """What the student's next forward pass records (None: nothing), read by the next call."""
+        self._pending = Capture(*self._student_request) if self._student_request else None
+        return self._pending
+
+    def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], spec) -> dict[str, LossTerm]:
+        student, self._pending = self._pending or Capture(), None
+        teacher = Capture(*self._teacher_request) if self._teacher_request else None
         with torch.no_grad():
-            teacher_logits = spec.gather_logits(self.teacher(**self.objective.model_inputs(batch))).float()
-        student_logits = spec.gather_logits(logits).float()
-        t = self.temperature
-        soft_sum = F.kl_div(
-            F.log_softmax(student_logits / t, dim=-1),
-            F.log_softmax(teacher_logits / t, dim=-1),
-            log_target=True,
-            reduction="sum",
-        ) * (t * t)
-        return self.alpha * soft_sum + (1 - self.alpha) * hard_sum, count
+            teacher_logits = self.teacher(**self.objective.model_inputs(batch), capture=teacher)
+        mask = batch.get("attention_mask")
+        views = Views(
+            batch=batch,
+            objective=self.objective,
+            spec=spec,
+            teacher_spec=self.teacher.spec,
+            logits=logits,
+            teacher_logits=teacher_logits,
+            student=student,
+            teacher=teacher or Capture(),
+            tokens=mask.bool() if mask is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool),
+        )
+        counts = term_counts(self.cfg, self.objective, batch)
+        return {
+            name: LossTerm(weight * loss(views), counts[name]) for name, (weight, loss) in self.losses.items()
+        }

@@ -37,7 +37,7 @@ def curve(records: list[dict], kind: str) -> tuple[list[int], list[float]]:
 
 
 def train_label(run: str | Path) -> str:
-    """A distillation run optimizes alpha * soft + (1 - alpha) * hard, a pair objective MLM + pair loss:
+    """A distillation run optimizes its weighted distillation losses, a pair objective MLM + pair loss:
     neither is comparable to an MLM loss (held-out evaluation scores MLM only)."""
     config = metrics_file(run).parent / "config.yaml"
     recipe = yaml.safe_load(config.read_text()) if config.is_file() else {}

@@ -2,6 +2,6 @@
 
 from plmscale.model.electra import Electra, build_model
 from plmscale.model.layers import LayerSpec, LocalLayers
-from plmscale.model.transformer import TransformerLM
+from plmscale.model.transformer import Capture, TransformerLM
 
-__all__ = ["Electra", "LayerSpec", "LocalLayers", "TransformerLM", "build_model"]
+__all__ = ["Capture", "Electra", "LayerSpec", "LocalLayers", "TransformerLM", "build_model"]

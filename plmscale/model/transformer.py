@@ -7,15 +7,18 @@ ALBERT's two savings are options too: `model.embedding_size` E < H embeds in E d
 G distinct layers that the num_layers layers run in turn (layer i runs group i * G // num_layers), so a
 shared layer is one module, its gradient summed over every layer that runs it.
 
-Shapes are [batch, seq, hidden]. Attention runs through `scaled_dot_product_attention`. The fused QKV
+Shapes are [batch, seq, hidden]. Attention runs through `scaled_dot_product_attention`; a `Capture` passed to
+`forward` records internals (hidden states, query/key/value heads) for losses that look inside the model. The fused QKV
 projection is laid out per head as [heads, (q, k, v), head_dim] so that sharding its output dimension hands
 each tensor-parallel rank whole heads; the number of local heads is read off the projection's output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +40,13 @@ class Attention(nn.Module):
             cfg.hidden_size, cfg.hidden_size, cfg.init_std / (2 * cfg.num_layers) ** 0.5
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, record: Callable | None = None
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        if record is not None:
+            record(q, k, v)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -74,12 +81,39 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.post_ln = cfg.layernorm_position == "post"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, record: Callable | None = None
+    ) -> torch.Tensor:
         if self.post_ln:
-            x = self.ln_attn(x + self.dropout(self.attn(x, mask, causal)))
+            x = self.ln_attn(x + self.dropout(self.attn(x, mask, causal, record)))
             return self.ln_mlp(x + self.dropout(self.mlp(x)))
-        x = x + self.dropout(self.attn(self.ln_attn(x), mask, causal))
+        x = x + self.dropout(self.attn(self.ln_attn(x), mask, causal, record))
         return x + self.dropout(self.mlp(self.ln_mlp(x)))
+
+
+class Capture:
+    """What one forward pass records of the model's internals, for losses that look inside it (distillation).
+
+    `hidden_states`: the embeddings' output, then each layer's output ([batch, seq, hidden]; pre-LN trunks
+    before the final LayerNorm), when `hidden`. `qkv[layer]`: that layer's query, key and value heads,
+    [batch, heads, seq, head_dim] (this rank's heads under tensor parallelism, in order), for the layers in
+    `attention_layers`. `attend`: the boolean mask (True = attend) their attention used, [batch or 1, 1, seq,
+    seq], or None where every position sees every other. Attention scores are `q @ k^T / sqrt(head_dim)`
+    under that mask: SDPA never materializes them, so the fast path stays unchanged and whoever needs them
+    computes them from what is recorded here. Nothing is recorded unless asked for.
+    """
+
+    def __init__(self, hidden: bool = False, attention_layers: Iterable[int] = ()):
+        self.hidden, self.attention_layers = hidden, frozenset(attention_layers)
+        self.hidden_states: list[torch.Tensor] = []
+        self.qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.attend: torch.Tensor | None = None
+
+    def _record_qkv(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.qkv[layer] = (q, k, v)  # a recomputed (activation-checkpointed) layer records the same values
+
+    def recorder(self, layer: int) -> Callable | None:
+        return partial(self._record_qkv, layer) if layer in self.attention_layers else None
 
 
 @dataclass(frozen=True)
@@ -182,11 +216,27 @@ class TransformerLM(nn.Module):
         x = self.embedding_dropout(x)
         return self.embedding_projection(x) if self.embedding_projection is not None else x
 
-    def encode(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, capture: Capture | None = None
+    ) -> torch.Tensor:
         """This part's transformer layers; `attention_mask` is the [batch, seq] padding mask."""
         mask = self.attention_bias(attention_mask, x.shape[1]) if attention_mask is not None else None
+        if capture is not None:
+            capture.attend = mask
+            if mask is None and self.causal:
+                capture.attend = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()[
+                    None, None
+                ]
+            if capture.hidden:
+                capture.hidden_states.append(x)
         for index in range(self.part.first_layer, self.part.stop_layer):
-            x = self.layers[str(self.cfg.layer_group(index))](x, mask, self.causal)
+            layer = self.layers[str(self.cfg.layer_group(index))]
+            if capture is None:
+                x = layer(x, mask, self.causal)
+                continue
+            x = layer(x, mask, self.causal, capture.recorder(index))
+            if capture.hidden:
+                capture.hidden_states.append(x)
         return x
 
     def output(
@@ -234,6 +284,7 @@ class TransformerLM(nn.Module):
         target_mask: torch.Tensor | None = None,
         classify_pair: bool = False,
         span_boundaries: torch.Tensor | None = None,
+        capture: Capture | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        x = self.encode(self.embed(input_ids, token_type_ids), attention_mask)
+        x = self.encode(self.embed(input_ids, token_type_ids), attention_mask, capture)
         return self.output(x, target_mask, classify_pair, span_boundaries)

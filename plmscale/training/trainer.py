@@ -26,7 +26,8 @@ from plmscale import model_dir
 from plmscale.config import RunConfig, save_config
 from plmscale.data import BatchSource, InstanceBatchSource, InstanceSet, PackedStream
 from plmscale.data.loader import SampleOrder
-from plmscale.distill import DistillationLoss, default_student_layers, student_state_from_teacher
+from plmscale.distill import Distillation, default_student_layers, student_state_from_teacher
+from plmscale.distill.loss import term_counts
 from plmscale.distill.student import check_student_config
 from plmscale.manifest import tokenizer_path
 from plmscale.objectives import LossTerm, get_objective
@@ -40,6 +41,9 @@ from plmscale.preflight import check_data
 from plmscale.training import checkpoint
 from plmscale.training.guard import DivergenceGuard, TrainingDiverged, guarded_optimizer, nonfinite_to_nan
 from plmscale.training.metrics import MetricsLogger
+
+# Where the distillation losses' learned projections sit in the student while it trains; not exported.
+DISTILL_MODULES = "distill_losses"
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -163,21 +167,30 @@ class Trainer:
         stream = PackedStream.from_manifest(data.shards, split, verify=False)
         return BatchSource(stream, self.objective, data.seq_length, *order)
 
-    def _set_up_distillation(self, dtype: torch.dtype) -> DistillationLoss | None:
+    def _set_up_distillation(self, dtype: torch.dtype) -> Distillation | None:
         """Teacher built with the same tensor parallelism, student initialized from its layers. With
-        pipeline stages, the whole teacher runs on the last stage's ranks, where the student's logits are."""
+        pipeline stages, the whole teacher runs on the last stage's ranks, where the student's logits are.
+        The losses' learned projections join the student (as `DISTILL_MODULES`) to be trained with it."""
         d = self.cfg.distill
         teacher_cfg = model_dir.load_run_config(d.teacher).model
         layers = d.student_layers or default_student_layers(teacher_cfg.num_layers, self.cfg.model.num_layers)
         check_student_config(teacher_cfg, self.cfg.model, layers)
         teacher_state = model_dir.load_state(d.teacher)
-        load_full_state_dict(self.model, student_state_from_teacher(teacher_state, layers))
+        state, how = student_state_from_teacher(
+            teacher_state, full_state_dict(self.model), layers, teacher_cfg, self.cfg.model
+        )
+        load_full_state_dict(self.model, state)
+        if self.topo.is_main:
+            print(f"student from teacher layers {layers}: " + ", ".join(f"{n} {k}" for k, n in how.items()))
         if not self.topo.is_last_stage:
             return None
         teacher = build_parallel_model(teacher_cfg)
         load_full_state_dict(teacher, teacher_state)
         teacher.to(device=device(), dtype=dtype)
-        return DistillationLoss(teacher, self.objective, d.temperature, d.alpha)
+        distillation = Distillation.from_config(d, teacher, teacher_cfg, self.cfg.model, self.objective)
+        if len(distillation.trainable):  # only without pipeline stages (see plmscale.config)
+            self.model.add_module(DISTILL_MODULES, distillation.trainable)
+        return distillation
 
     def _to_device(self, batch: dict) -> dict:
         return {
@@ -185,9 +198,14 @@ class Trainer:
         }
 
     def _terms(self, outputs, batch: dict[str, torch.Tensor], count_correct: bool) -> dict[str, LossTerm]:
-        if self.distillation and self.model.training:  # one term: pair objectives are not distilled
-            return {self.objective.name: LossTerm(*self.distillation(outputs, batch, self.spec))}
+        if self.distillation and self.model.training:  # pair objectives are not distilled
+            return self.distillation(outputs, batch, self.spec)
         return self.objective.loss_terms(outputs, batch, self.spec, count_correct)
+
+    def _target_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        if self.cfg.distill:
+            return term_counts(self.cfg.distill, self.objective, batch)
+        return self.objective.target_counts(batch)
 
     def _run(self, batches: list[dict[str, torch.Tensor]], step: int, train: bool) -> None:
         """Forward (and with `train`, backward and the optimizer step) over a step's micro-batches; the
@@ -208,6 +226,9 @@ class Trainer:
             batch = self._to_device(batch)
             if train:
                 torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, micro))
+                capture = self.distillation.capture() if self.distillation else None
+                if capture is not None:  # what the distillation losses read inside the student
+                    inputs["capture"] = capture
                 self.engine.backward(self.totals(self.engine(**inputs), batch))
                 self.engine.step()
             else:
@@ -218,7 +239,7 @@ class Trainer:
         batches = self.train_data.micro_batches(step, self.accumulation)
         local_counts = Counter()  # update, not +: a term without targets on this rank keeps its key
         for batch in batches:
-            local_counts.update(self.objective.target_counts(batch))
+            local_counts.update(self._target_counts(batch))
         names = list(local_counts)
         counts = dict(
             zip(names, all_reduce_sum([local_counts[n] for n in names], self.reports_loss), strict=True)
@@ -294,7 +315,9 @@ class Trainer:
 
     def _write_model_dir(self, steps: int, evaluation: dict[str, float]) -> Path | None:
         """Consolidates the sharded weights into one unsharded model directory (rank 0 writes)."""
-        state = full_state_dict(self.model)
+        state = {
+            k: v for k, v in full_state_dict(self.model).items() if not k.startswith(f"{DISTILL_MODULES}.")
+        }
         out = None
         if self.topo.is_main:
             meta = {

@@ -1,5 +1,6 @@
 """Run on 2 processes: a TP=2 model's forward and backward against the unsharded reference (the trunk, and
-the models of SpanBERT and ELECTRA with their loss terms).
+the models of SpanBERT and ELECTRA with their loss terms), and every distillation loss from a TP=2 teacher
+into a narrower TP=2 student against the same at TP=1.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist/tp_equivalence.py OUT.json
 """
@@ -10,7 +11,8 @@ import sys
 import numpy as np
 import torch
 
-from plmscale.config import ModelConfig
+from plmscale.config import DistillConfig, ModelConfig
+from plmscale.distill import Distillation
 from plmscale.model import TransformerLM, build_model
 from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.objectives.span_boundary import span_boundaries
@@ -124,6 +126,58 @@ def compare_objective(name: str) -> dict:
         "grads": max_diff(full_state_dict(sharded, grads=True), grads_ref),
         "grad_scale": max(g.abs().max().item() for g in grads_ref.values()),
         "same_samples": bool(torch.equal(tp["samples"], ref["samples"])),
+
+
+DISTILL_LOSSES = [
+    {"name": "logits", "temperature": 2.0}, {"name": "hard", "weight": 0.5}, {"name": "embedding"},
+    {"name": "hidden", "metric": "cosine"}, {"name": "attention", "form": "scores", "layers": [[0, 1], [1, 2]]},
+    {"name": "attention", "form": "probs", "layers": "last"}, {"name": "minilm", "teacher_layer": 1},
+    {"name": "minilm_v2", "relation_heads": 8, "teacher_layer": 2},
+]  # fmt: skip
+
+
+def compare_distillation(kind: str) -> dict:
+    """Each term's sum and the student's (and projections') gradients, TP=2 against TP=1."""
+    teacher_cfg = ModelConfig(
+        kind=kind, vocab_size=250, pad_vocab_to_multiple_of=64, hidden_size=32, num_layers=3, num_heads=4,
+        max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    student_cfg = teacher_cfg.model_copy(update={"hidden_size": 16, "num_layers": 2, "ffn_hidden_size": 32})
+    objective = get_objective("mlm" if kind == "encoder" else "causal_lm", {}, student_cfg)
+    torch.manual_seed(0)
+    teachers = [build_parallel_model(teacher_cfg), TransformerLM(teacher_cfg)]
+    teachers[1].load_state_dict(full_state_dict(teachers[0]))
+    students = [build_parallel_model(student_cfg), TransformerLM(student_cfg)]
+    students[1].load_state_dict(full_state_dict(students[0]))
+    cfg = DistillConfig(teacher="-", losses=DISTILL_LOSSES)
+    runs = [Distillation.from_config(cfg, t, teacher_cfg, student_cfg, objective) for t in teachers]
+    runs[1].trainable.load_state_dict(runs[0].trainable.state_dict())
+
+    gen = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(5, 250, (3, 12), generator=gen)
+    labels = torch.where(torch.rand(3, 12, generator=gen) < 0.4, input_ids, IGNORE_INDEX)
+    attention_mask = torch.ones(3, 12, dtype=torch.long)
+    attention_mask[2, 8:] = 0
+    labels[2, 8:] = IGNORE_INDEX
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    sums = []
+    for student, run in zip(students, runs, strict=True):
+        capture = run.capture()
+        terms = run(student(**objective.model_inputs(batch), capture=capture), batch, student.spec)
+        sum(term.sum / term.count for term in terms.values()).backward()
+        sums.append({name: term.sum.item() for name, term in terms.items()})
+    grads = [full_state_dict(students[0], grads=True), {k: p.grad for k, p in students[1].named_parameters()}]
+    projections = [{k: p.grad for k, p in run.trainable.named_parameters()} for run in runs]
+    return {
+        "terms": sums[1],
+        # relative to the term (absolute below 1: a KL near zero is a difference of nearly equal logs)
+        "terms_diff": max(
+            abs(sums[0][name] - sums[1][name]) / max(abs(sums[1][name]), 1.0) for name in sums[1]
+        ),
+        "grads": max_diff(*grads),
+        "projection_grads": max_diff(*projections)
+        / max(g.abs().max().item() for g in projections[1].values()),
+        "grad_scale": max(g.abs().max().item() for g in grads[1].values()),
     }
 
 
@@ -131,6 +185,7 @@ if __name__ == "__main__":
     topo = init_distributed(tensor_parallel=2)
     report = {"tp_size": topo.tp_size, **{name: compare(name) for name in MODELS}}
     report |= {name: compare_objective(name) for name in HEADS}
+    report["distill"] = {kind: compare_distillation(kind) for kind in ("encoder", "decoder")}
     if topo.is_main:
         with open(sys.argv[1], "w") as handle:
             json.dump(report, handle)
