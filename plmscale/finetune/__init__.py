@@ -167,27 +167,25 @@ def describe_task(task) -> str:
 
 
 def results_table(results: dict[str, dict]) -> str:
-    """Dev scores of each model, the first model's as the reference of the last column."""
-    first = next(iter(results.values()))
-    metrics = list(first["dev"])
+    """Dev scores of each model; with several, the main metric as a share of the first model's."""
+    names = list(results)
+    first = results[names[0]]["dev"]
+    metrics = list(first)
     main = metrics[1]  # accuracy, or pearson: the metric after the loss
-    header = ["model", *metrics, "seconds", f"{main} vs {next(iter(results))}"]
+    compare = len(names) > 1
+    header = ["model", *metrics, "seconds"] + [f"{main} / {names[0]}"] * compare
     rows = [
-        [
-            name,
-            *(f"{r['dev'][m]:.4f}" for m in metrics),
-            f"{r['seconds']:.1f}",
-            f"{100 * r['dev'][main] / first['dev'][main]:.1f} %",
-        ]
+        [name, *(f"{r['dev'][m]:.4f}" for m in metrics), f"{r['seconds']:.1f}"]
+        + [f"{r['dev'][main] / first[main]:.1%}" if first[main] else "n/a"] * compare
         for name, r in results.items()
     ]
-    if first["majority_accuracy"] is not None:
-        rows.append(
-            ["majority class", "", f"{first['majority_accuracy']:.4f}", *[""] * (len(metrics) - 2), "", ""]
-        )
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    majority = results[names[0]]["majority_accuracy"]
+    if majority is not None:
+        rows.append(["majority class", "", f"{majority:.4f}"] + [""] * (len(header) - 3))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
     )
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from plmscale.errors import UserError
 from plmscale.finetune.head import SequenceClassifier, TaskKind, task_kind
@@ -144,7 +145,7 @@ def finetune(
         raise UserError(
             f"{model_dir}: a sentence-pair task needs model.type_vocab_size >= 2 (segments A and B)"
         )
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     device = device or default_device()
     torch.manual_seed(settings.seed)
     trunk, cfg = load_local_model(model_dir)
@@ -168,7 +169,10 @@ def finetune(
         model.train()
         order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(settings.seed + epoch))
         loss_sum = 0.0
-        for step in range(steps_per_epoch):
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", leave=False
+        )
+        for step in bar:
             rows = order[step * settings.batch_size : (step + 1) * settings.batch_size].tolist()
             batch_loss, count = kind.loss(
                 model(**batch_tensors(train, rows, device)), targets[rows].to(device)
@@ -179,6 +183,8 @@ def finetune(
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += batch_loss.item()
+            bar.set_postfix(loss=f"{batch_loss.item() / count:.3f}", refresh=False)
+        bar.close()
         dev = evaluate(model, features["dev"], kind, settings.batch_size)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / len(targets), "dev": dev})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in dev.items())
@@ -196,6 +202,7 @@ def finetune(
         "dev": history[-1]["dev"],
         "device": str(device),
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - start_cpu,  # all threads of this process
     }
     save_finetuned(model, run_config, model_dir / TOKENIZER, results, output_dir)
     return results
