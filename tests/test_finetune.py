@@ -54,8 +54,8 @@ def test_correlations_match_hand_computed_values():
     assert pearson(x, torch.ones(4)) == 0.0
     assert ranks(torch.tensor([10.0, 30.0, 20.0, 20.0])).tolist() == [1.0, 4.0, 2.5, 2.5]
     assert spearman(torch.tensor([1.0, 10.0, 100.0, 1000.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])) == 1.0
-    # ranks (1, 4, 2.5, 2.5) against (1, 2, 3, 4): deviations (-1.5, 1.5, 0, 0) · (-1.5, -0.5, 0.5, 1.5) = 1.5,
-    # squares 4.5 and 5
+    # ranks (1, 4, 2.5, 2.5) against (1, 2, 3, 4): deviations (-1.5, 1.5, 0, 0) and (-1.5, -0.5, 0.5, 1.5),
+    # products 1.5, squares 4.5 and 5
     assert spearman(torch.tensor([10.0, 30.0, 20.0, 20.0]), x) == pytest.approx(1.5 / (4.5 * 5) ** 0.5)
 
 
@@ -124,7 +124,7 @@ def test_bad_rows_are_an_error_naming_file_and_line_or_counted(tmp_path, capsys)
         "empty label": 1,
     }
     assert train["empty text"]["examples"] == [f"{task_dir / 'train.tsv'}:4 (column 'sentence')"]
-    assert dev["label not among the train labels"]["count"] == 1  # "neutral": train has neg and pos
+    assert dev["label not among the task's labels"]["count"] == 1  # "neutral": train has neg and pos
     # the command: one line, exit 2, naming the file and line
     assert main(["finetune", "--model", "m", "--task", str(task_dir), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -259,7 +259,8 @@ def test_cli_fine_tunes_two_models_into_one_table_and_exports(tiny, capsys):
     root, model_dir, task_dir = tiny
     status = main(
         ["finetune", "--model", f"a={model_dir}", f"b={model_dir}", "--task", str(task_dir), "--output",
-         str(root / "cli"), "--export", str(root / "cli_hf"), "--epochs", "1", "--max-seq-length", "32", "--threads", "1"]
+         str(root / "cli"), "--export", str(root / "cli_hf"), "--epochs", "1", "--max-seq-length", "32",
+         "--threads", "1"]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert status == 0
@@ -269,6 +270,17 @@ def test_cli_fine_tunes_two_models_into_one_table_and_exports(tiny, capsys):
     assert table[1].split()[:3] == ["a", f"{a['loss']:.4f}", f"{a['accuracy']:.4f}"]
     assert table[2].split()[-1] == "100.0%" and table[3].startswith("majority class")
     assert (root / "cli_hf" / "b" / "model.safetensors").is_file()
+
+
+def test_every_model_is_checked_before_any_trains(tiny, tmp_path, capsys):
+    _, model_dir, task_dir = tiny
+    missing = tmp_path / "missing"
+    argv = ["finetune", "--model", f"a={model_dir}", f"b={missing}", "--task", str(task_dir)]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"plmscale: error: {missing} is not a plmscale model directory (no config.yaml)"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_trunk_pre_trained_with_nsp_hands_its_pooler_to_the_head(tiny, tmp_path):
@@ -329,7 +341,8 @@ def test_package_task_is_balanced_disjoint_and_deterministic(tmp_path):
     docs = [
         {
             "source": f"{package}.f{i}",
-            "text": f"Paragraph doc{i} about {package} and its many parts.\n\nMore doc{i} on {package}, and its other parts.",
+            "text": f"Paragraph doc{i} about {package} and its many parts.\n\n"
+            f"More doc{i} on {package}, and its other parts.",
         }
         for package in ("email", "json", "xml", "http")
         for i in range({"email": 30, "json": 12, "xml": 20, "http": 5}[package])

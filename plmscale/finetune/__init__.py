@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from plmscale.errors import UserError
+from plmscale.finetune.settings import Settings
 
 
 def _model_arg(text: str) -> tuple[str, str]:
@@ -34,15 +35,21 @@ def _positive(kind: type):
     return parse
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     """Register `plmscale finetune`."""
-    from plmscale.finetune.settings import Settings
-
     defaults = Settings()
     parser = subparsers.add_parser(
         "finetune",
         help="fine-tune encoders on a classification or regression task and score them on its dev split",
-        description="Fine-tune each model on TASK/train.{tsv,jsonl}, score it on TASK/dev.{tsv,jsonl}, print a table.",
+        description="Fine-tune each model on TASK/train.{tsv,jsonl}, score it on TASK/dev.{tsv,jsonl}, "
+        "print a table.",
     )
     parser.add_argument(
         "--model", required=True, nargs="+", type=_model_arg, metavar="[NAME=]DIR",
@@ -77,7 +84,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     )
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     train.add_argument(
-        "--warmup-fraction", type=float, default=defaults.warmup_fraction, help="share of the steps"
+        "--warmup-fraction", type=_fraction, default=defaults.warmup_fraction, help="share of the steps"
     )
     train.add_argument(
         "--max-seq-length",
@@ -85,7 +92,9 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
         default=defaults.max_seq_length,
         help="tokens per example, [CLS] and [SEP]s included",
     )
-    train.add_argument("--dropout", type=float, default=defaults.dropout, help="of the classification head")
+    train.add_argument(
+        "--dropout", type=_fraction, default=defaults.dropout, help="of the classification head"
+    )
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
     parser.set_defaults(func=run_finetune_command)
@@ -94,8 +103,6 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_finetune_command(args: argparse.Namespace) -> dict:
     import torch
-
-    from plmscale.finetune.settings import Settings
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,7 +130,7 @@ def finetune_models(
     models: dict[str, str],
     task_dir: str | Path,
     output: str | Path,
-    settings,
+    settings: Settings,
     columns: dict | None = None,
     strict: bool = True,
     export: str | Path | None = None,
@@ -132,9 +139,11 @@ def finetune_models(
     """Fine-tune each model on the task and print one table of their dev scores; return each one's results.
     One model is written to `output` (and `export`), several to `output/NAME` (and `export/NAME`)."""
     from plmscale.finetune.task import load_task
-    from plmscale.finetune.train import finetune
+    from plmscale.finetune.train import check_model_dir, finetune
 
     task = load_task(task_dir, columns, strict)
+    for model_dir in models.values():  # every mistake before the first model trains
+        check_model_dir(model_dir, task)
     log(describe_task(task))
     several = len(models) > 1
     results = {}

@@ -1,4 +1,4 @@
-"""Export a fine-tuned directory as `transformers`' `*ForSequenceClassification`, and prove it computes the same.
+"""Export a fine-tuned directory as `transformers`' `*ForSequenceClassification`; prove it computes the same.
 
 The trunk goes through the MLM export's weight mapping (`plmscale.export.hf_mapping`), keeping the `bert.*`
 tensors and leaving out the pre-training heads; the head is `bert.pooler.dense` and `classifier`. The config
@@ -68,7 +68,7 @@ def export_classifier_hf(finetuned_dir: str | Path, output_dir: str | Path) -> P
 
 @torch.inference_mode()
 def classifier_logit_difference(model: SequenceClassifier, hf) -> float:
-    """Max |plmscale logit - transformers logit| on a fixed random batch with a padded row and segments A, B."""
+    """Max |plmscale logit - transformers logit| on a fixed random batch, a padded row, segments A and B."""
     cfg = model.trunk.cfg
     seq = min(16, cfg.max_position_embeddings)
     generator = torch.Generator().manual_seed(0)
@@ -110,5 +110,6 @@ def verify_classifier_export(
     if (theirs["input_ids"], theirs["token_type_ids"]) != (ours.input_ids[0], ours.token_type_ids[0]):
         raise RuntimeError(
             f"export {export_dir}: the tokenizer encodes a sentence pair as {theirs['input_ids']} "
-            f"(segments {theirs['token_type_ids']}), plmscale as {ours.input_ids[0]} (segments {ours.token_type_ids[0]})"
+            f"(segments {theirs['token_type_ids']}), plmscale as {ours.input_ids[0]} "
+            f"(segments {ours.token_type_ids[0]})"
         )

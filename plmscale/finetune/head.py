@@ -54,7 +54,7 @@ class SequenceClassifier(nn.Module):
         return self.head(hidden[:, 0])
 
     def trained_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Everything the classifier's logits depend on: the trunk less its pre-training heads, and the head."""
+        """What the classifier's logits depend on: the trunk less its pre-training heads, and the head."""
         unused = ("trunk.head.", "trunk.pair_head.")
         return [(name, p) for name, p in self.named_parameters() if not name.startswith(unused)]
 

@@ -21,7 +21,7 @@ def f1(predicted: torch.Tensor, target: torch.Tensor, positive: int) -> float:
 
 
 def macro_f1(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    """The unweighted mean of every class's F1: a majority-class guesser scores low however skewed the data."""
+    """The unweighted mean of the classes' F1: a majority-class guesser scores low however skewed the data."""
     return sum(f1(predicted, target, c) for c in range(num_classes)) / num_classes
 
 

@@ -1,5 +1,5 @@
-"""The fine-tuning hyperparameters (BERT's recipe: AdamW, linear warm-up and decay), kept free of heavy imports
-so that the command line can show their defaults."""
+"""The fine-tuning hyperparameters (BERT's recipe: AdamW, linear warm-up and decay), free of heavy imports so
+that the command line can show their defaults."""
 
 from __future__ import annotations
 

@@ -5,9 +5,9 @@
     TASK/train.jsonl TASK/dev.jsonl    one JSON object a line; the columns are its keys
     TASK/task.json                     optional: the `TaskSpec` fields below (the command line overrides them)
 
-A bad row (wrong number of fields, empty text, a label that is not a number for regression or that the train
-split never had, invalid UTF-8 or JSON) is an error naming its file and line, or with `strict=False` is
-rejected and counted by reason with its first lines: never dropped silently.
+A bad row (wrong number of fields, empty text, a regression label that is not a number, a class that the
+train split never had or task.json does not list, invalid UTF-8 or JSON) is an error naming its file and
+line, or with `strict=False` is rejected and counted by reason with its first lines: never dropped silently.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def _rows(path: Path, spec: TaskSpec):
 
 
 def read_split(path: Path, spec: TaskSpec, strict: bool, labels: list[str] | None = None):
-    """The split's examples and rejections; `labels`: the classes a dev row may have."""
+    """The split's examples and rejections; `labels`: the classes a row may have (None: any)."""
     if not spec.header and path.suffix == ".tsv":
         for name in (spec.text_a, spec.text_b, spec.label):
             if name is not None and not name.isdigit():
@@ -203,7 +203,7 @@ def read_split(path: Path, spec: TaskSpec, strict: bool, labels: list[str] | Non
                 _text(row[spec.text_a], spec.text_a), text_b, _label(row[spec.label], spec), number
             )
             if labels is not None and example.label not in labels:
-                raise BadRow("label not among the train labels", f"{example.label!r} not in {labels}")
+                raise BadRow("label not among the task's labels", f"{example.label!r} not in {labels}")
         except BadRow as bad:
             reason, detail = bad.args
             detail = f" ({detail})" if detail else ""
@@ -237,14 +237,12 @@ def load_task(directory: str | Path, overrides: dict | None = None, strict: bool
         raise UserError(f"task directory not found: {directory}")
     spec = load_spec(directory, overrides or {})
     files = {split: _split_file(directory, split) for split in SPLITS}
-    train, train_rejected = read_split(files["train"], spec, strict)
+    train, train_rejected = read_split(files["train"], spec, strict, spec.labels)
     labels = None
     if spec.kind == "classification":
         labels = spec.labels or _class_order({e.label for e in train})
         if len(labels) < 2:
             raise UserError(f"{files['train']}: a classification task needs 2 or more labels, found {labels}")
-        if spec.labels is not None:  # a train row outside the declared classes is a bad row too
-            train, train_rejected = read_split(files["train"], spec, strict, labels)
     dev, dev_rejected = read_split(files["dev"], spec, strict, labels)
     return Task(
         spec, files, {"train": train, "dev": dev}, {"train": train_rejected, "dev": dev_rejected}, labels

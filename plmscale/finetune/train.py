@@ -124,19 +124,12 @@ def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
     return factor
 
 
-def finetune(
-    model_dir: str | Path,
-    task: Task,
-    settings: Settings,
-    output_dir: str | Path,
-    device: torch.device | None = None,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Train the model directory's encoder with a new head on `task`, write `output_dir`, return the results."""
-    model_dir, output_dir = Path(model_dir), Path(output_dir)
+def check_model_dir(model_dir: str | Path, task: Task):
+    """The run config of a model directory that can be fine-tuned on `task`, or a UserError naming it."""
+    model_dir = Path(model_dir)
+    run_config = load_run_config(model_dir)
     if not (model_dir / TOKENIZER).is_file():
         raise UserError(f"{model_dir}: no {TOKENIZER}; fine-tuning tokenizes with the model's tokenizer")
-    run_config = load_run_config(model_dir)
     if run_config.model.kind != "encoder":
         raise UserError(
             f"{model_dir}: fine-tuning needs an encoder (BERT family), not a {run_config.model.kind}"
@@ -145,6 +138,20 @@ def finetune(
         raise UserError(
             f"{model_dir}: a sentence-pair task needs model.type_vocab_size >= 2 (segments A and B)"
         )
+    return run_config
+
+
+def finetune(
+    model_dir: str | Path,
+    task: Task,
+    settings: Settings,
+    output_dir: str | Path,
+    device: torch.device | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train the directory's encoder with a new head on `task`; write `output_dir`; return the results."""
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    run_config = check_model_dir(model_dir, task)
     start, start_cpu = time.perf_counter(), time.process_time()
     device = device or default_device()
     torch.manual_seed(settings.seed)
