@@ -40,6 +40,7 @@ plmscale eval --teacher "$out/teacher/model" --student "$out/student/model" --sh
 # from) and print their dev scores side by side: the local stand-in for DistilBERT's GLUE comparison.
 plmscale prep task --corpus "$data/corpus.jsonl" --out "$data/task_package"
 plmscale finetune --model teacher="$out/teacher/model" student="$out/student/model" \
-  --task "$data/task_package" --output "$out/finetuned" --epochs "${DEMO_FINETUNE_EPOCHS:-3}" --max-seq-length 64
+  --task "$data/task_package" --output "$out/finetuned" --epochs "${DEMO_FINETUNE_EPOCHS:-5}" --lr 5e-4 \
+  --max-seq-length 64
 
 echo "demo wall time: $(( $(date +%s) - start )) s"
