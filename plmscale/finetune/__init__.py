@@ -144,6 +144,12 @@ def finetune_models(
     task = load_task(task_dir, columns, strict)
     for model_dir in models.values():  # every mistake before the first model trains
         check_model_dir(model_dir, task)
+    for directory in (output, export):
+        try:
+            if directory:
+                Path(directory).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot write {directory}: {err.strerror}") from None
     log(describe_task(task))
     several = len(models) > 1
     results = {}
