@@ -317,7 +317,9 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
     )
     task.add_argument("--corpus", type=Path, default=Path("data/corpus.jsonl"), help="`prep corpus` output")
     task.add_argument("--out", type=Path, default=Path("data/task_package"), help="output directory")
-    task.add_argument("--packages", type=_positive(int), default=8, help="classes: the most frequent packages")
+    task.add_argument(
+        "--packages", type=_positive(int), default=8, help="classes: the most frequent packages"
+    )
     task.add_argument("--dev-fraction", type=_fraction, default=0.2, help="share of docstrings held out")
     task.add_argument("--min-chars", type=_positive(int), default=40, help="shortest paragraph kept")
     task.set_defaults(func=run_task)

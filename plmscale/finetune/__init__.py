@@ -204,4 +204,4 @@ def results_table(results: dict[str, dict]) -> str:
     )
 
 
-__all__ = ["add_finetune_parser", "finetune_models", "run_finetune_command"]
+__all__ = ["Settings", "add_finetune_parser", "finetune_models", "run_finetune_command"]
