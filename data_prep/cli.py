@@ -1,4 +1,4 @@
-"""`prep` commands: corpus, tokenizer, shards, instances, stats. The top-level `plmscale` CLI mounts them with
+"""`prep` commands: corpus, tokenizer, shards, instances, stats, task. The top-level `plmscale` CLI mounts them with
 `add_prep_parser(subparsers)`; `python -m data_prep.cli prep ...` runs them alone.
 
     python -m data_prep.cli prep corpus --out data/corpus.jsonl
@@ -6,6 +6,7 @@
     python -m data_prep.cli prep shards --input data/corpus.jsonl --tokenizer data/tokenizer/tokenizer.model
     python -m data_prep.cli prep instances --shards data/shards --objective nsp --out data/instances/nsp
     python -m data_prep.cli prep stats data/instances/nsp
+    python -m data_prep.cli prep task --corpus data/corpus.jsonl --out data/task_package
 """
 
 from __future__ import annotations
@@ -197,6 +198,18 @@ def run_instances(args: argparse.Namespace) -> None:
 
 
 @_user_errors
+def run_task(args: argparse.Namespace) -> None:
+    from data_prep.task import write_package_task
+
+    result = write_package_task(args.corpus, args.out, args.packages, args.dev_fraction, args.min_chars)
+    counts = result["counts"]
+    print(
+        f"task: which package, {len(result['labels'])} classes ({', '.join(result['labels'])}); "
+        f"{counts['train']['examples']} train, {counts['dev']['examples']} dev (balanced) -> {args.out}"
+    )
+
+
+@_user_errors
 def run_stats(args: argparse.Namespace) -> None:
     from data_prep.instances.stats import format_table, instance_statistics
     from plmscale.data.instances import InstanceSetError
@@ -222,7 +235,7 @@ def _add_input_args(parser: argparse.ArgumentParser) -> None:
 def add_prep_parser(subparsers) -> argparse.ArgumentParser:
     """Register `prep {corpus,tokenizer,shards,instances,stats}` on an argparse subparsers object; each sets `func`."""
     prep = subparsers.add_parser(
-        "prep", help="offline data preparation: corpus, tokenizer, shards, instances"
+        "prep", help="offline data preparation: corpus, tokenizer, shards, instances, task"
     )
     commands = prep.add_subparsers(dest="prep_command", required=True)
 
@@ -298,6 +311,18 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
     instances.add_argument("--out", "--output", type=Path, required=True, help="output directory")
     instances.add_argument("--no-progress", action="store_true", help="no progress bar")
     instances.set_defaults(func=run_instances)
+
+    task = commands.add_parser(
+        "task", help="a fine-tuning task from the corpus: which stdlib package a docstring paragraph is from"
+    )
+    task.add_argument("--corpus", type=Path, default=Path("data/corpus.jsonl"), help="`prep corpus` output")
+    task.add_argument("--out", type=Path, default=Path("data/task_package"), help="output directory")
+    task.add_argument(
+        "--packages", type=_positive(int), default=8, help="classes: the most frequent packages"
+    )
+    task.add_argument("--dev-fraction", type=_fraction, default=0.2, help="share of docstrings held out")
+    task.add_argument("--min-chars", type=_positive(int), default=40, help="shortest paragraph kept")
+    task.set_defaults(func=run_task)
 
     stats = commands.add_parser("stats", help="statistics of an instance set")
     stats.add_argument("directory", type=Path, help="`prep instances` output")

@@ -36,4 +36,11 @@ plmscale export --model "$out/student/model" --format hf --output "$out/student_
 plmscale eval --teacher "$out/teacher/model" --student "$out/student/model" --shards "$data/shards" \
   --runs teacher="$out/teacher" student="$out/student" --export "$out/student_hf" --plot "$out/loss_curves.png"
 
+# Fine-tune teacher and student on a task made from the corpus (which stdlib package a docstring paragraph is
+# from) and print their dev scores side by side: the local stand-in for DistilBERT's GLUE comparison.
+plmscale prep task --corpus "$data/corpus.jsonl" --out "$data/task_package"
+plmscale finetune --model teacher="$out/teacher/model" student="$out/student/model" \
+  --task "$data/task_package" --output "$out/finetuned" --epochs "${DEMO_FINETUNE_EPOCHS:-5}" --lr 5e-4 \
+  --max-seq-length 64
+
 echo "demo wall time: $(( $(date +%s) - start )) s"

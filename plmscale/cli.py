@@ -8,6 +8,7 @@
     plmscale eval --teacher DIR --student DIR --shards DIR ...
     plmscale generate --model DIR --prompt TEXT        continue a prompt (decoder)
     plmscale fill-mask --model DIR --text TEXT         fill the [MASK]s of a text (encoder)
+    plmscale finetune --model DIR --task DIR --output DIR   fine-tune and score on a downstream task
     plmscale plan --gpt3 175B --nodes 128                layouts that fit a cluster, fastest first
     plmscale checkpoint info|convert RUN_DIR          a run's checkpoints; their layout-free state
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_prep_parser
     from plmscale.eval import add_eval_parser
     from plmscale.export import add_export_parser, add_import_parser
+    from plmscale.finetune import add_finetune_parser
     from plmscale.inference import add_inference_parsers
     from plmscale.plan import add_plan_parser
     from plmscale.training.checkpoint_tool import add_checkpoint_parser
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_import_parser(sub)
     add_eval_parser(sub)
     add_inference_parsers(sub)
+    add_finetune_parser(sub)
     add_plan_parser(sub)
     add_checkpoint_parser(sub)
     return parser

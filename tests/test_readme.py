@@ -28,6 +28,7 @@ def test_make_demo_runs_end_to_end(tmp_path):
         "DEMO_DIR": str(tmp_path / "demo"),
         "DEMO_TEACHER_STEPS": "40",
         "DEMO_STUDENT_STEPS": "10",
+        "DEMO_FINETUNE_EPOCHS": "1",
     }
     venv = Path(sys.prefix)
     proc = subprocess.run(
@@ -39,9 +40,12 @@ def test_make_demo_runs_end_to_end(tmp_path):
     fall = re.search(r"teacher: train loss ([\d.]+) \(step \d+\) -> ([\d.]+) \(step 40\), fell by", report)
     assert fall and float(fall[2]) < float(fall[1]) - 0.5, report[-3000:]
     assert re.search(r"student vs teacher: [\d.]+x the speed", report)
+    # the fine-tuning table's student row: loss, accuracy, macro-F1, seconds, accuracy as a share of the teacher's
+    finetuned = r"^student +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+%$"
+    assert re.search(finetuned, report, re.M)
     for path in ("teacher/model/model.safetensors", "student/model/model.safetensors", "student_hf/config.json",
                  "teacher/tensorboard", "teacher/checkpoints/latest", "loss_curves.png",
-                 "data/shards/manifest.json"):  # fmt: skip
+                 "data/shards/manifest.json", "finetuned/student/classifier.safetensors"):  # fmt: skip
         assert (out / path).exists(), path
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "demo wall time" in report

@@ -87,6 +87,8 @@ def hf_tokenizer(model_path: Path, cfg: ModelConfig) -> PreTrainedTokenizerFast:
     special["mask_token"] = AddedToken(mask, special=True, normalized=True)
     if cfg.kind == "decoder":
         special |= {"bos_token": sep, "eos_token": sep}
+    else:  # segment ids, as BERT's tokenizers give them: B of a sentence pair is segment 1
+        special["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, model_max_length=cfg.max_position_embeddings, **special
     )

@@ -1,0 +1,19 @@
+"""The fine-tuning hyperparameters (BERT's recipe: AdamW, linear warm-up and decay), free of heavy imports so
+that the command line can show their defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0
+    max_seq_length: int = 128
+    dropout: float = 0.1  # of the head; the trunk keeps its own model.hidden_dropout
+    seed: int = 0
