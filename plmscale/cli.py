@@ -60,7 +60,9 @@ def _run_training(args: argparse.Namespace) -> int:
         dist.barrier()  # the launcher kills the other ranks when the first one exits
         return 3
     except CheckpointError as err:  # a user error too, found only once the process group is up
-        raise UserError(str(err)) from None
+        if dist.get_rank() == 0:  # raised on every rank (checkpoint.resume finds it collectively)
+            print(f"plmscale: error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -187,7 +187,7 @@ def test_resume_refuses_a_planted_payload_with_one_line(shards, run, tmp_path):
     )  # fmt: skip
     errors = [line for line in proc.stderr.splitlines() if line.startswith("plmscale: error:")]
     assert proc.returncode != 0 and not marker.exists()
-    assert errors and all(line == errors[0] for line in errors), proc.stderr[-3000:]
+    assert len(errors) == 1, proc.stderr[-3000:]  # printed once, by rank 0, every rank stopped
     assert errors[0] == (
         f"plmscale: error: {tag_dir}: holds a pickled object that is not data: "
         "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."

@@ -132,9 +132,7 @@ def resume(engine, directory: Path, config: RunConfig) -> int:
         _check_same_run(tag_dir, client_state["config"], config.model_dump(mode="json"), moved)
         reshard.load(engine, tag_dir)
     else:
-        path, client_state = load_deepspeed(engine, directory, tag_dir)
-        if path is None:
-            raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it")
+        client_state = _collectively(lambda: load_deepspeed(engine, directory, tag_dir))
         _check_same_run(tag_dir, client_state["config"], config.model_dump(mode="json"), moved)
     if is_main:
         print(
@@ -164,14 +162,32 @@ def schedule_changes(saved: dict, current: dict) -> list[str]:
             "resumed run follows the new curve from its current step"]  # fmt: skip
 
 
-def load_deepspeed(engine, directory: Path, tag_dir: Path) -> tuple[str | None, dict]:
-    """DeepSpeed's own files, weights-only."""
+def load_deepspeed(engine, directory: Path, tag_dir: Path) -> dict:
+    """DeepSpeed's own files, weights-only; returns the client state saved with them."""
     with weights_only_loading():
         try:
-            return engine.load_checkpoint(str(directory), tag=tag_dir.name)
+            path, client_state = engine.load_checkpoint(str(directory), tag=tag_dir.name)
         except pickle.UnpicklingError as err:  # torch's reason is the paragraph after its preamble
             reason = next((part.strip() for part in str(err).split("\n\n")[1:] if part.strip()), str(err))
             raise CheckpointError(f"{tag_dir}: holds a pickled object that is not data: {reason}") from None
+    if path is None:
+        raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it")
+    return client_state
+
+
+def _collectively(load):
+    """Runs `load` on every rank and raises its error on all of them if it failed on any: each rank reads
+    its own files, and a rank left to go on alone would wait in the first step's collectives."""
+    try:
+        result, problem = load(), None
+    except CheckpointError as err:
+        result, problem = None, str(err)
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise CheckpointError(problem)
+    return result
 
 
 def newest_complete(directory: Path) -> tuple[Path | None, list[str]]:

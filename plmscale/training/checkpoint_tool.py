@@ -126,9 +126,7 @@ def run_convert(args: argparse.Namespace) -> None:
     from plmscale.training.trainer import Trainer
 
     engine = Trainer(config, world_size).engine
-    path, client_state = checkpoint.load_deepspeed(engine, directory, tag_dir)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+    client_state = checkpoint.load_deepspeed(engine, directory, tag_dir)
     step = int(client_state["step"])
     saved_config = RunConfig.model_validate(client_state["config"])
     reshard.save(engine, tag_dir, step, saved_config, tensors=True)
