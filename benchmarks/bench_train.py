@@ -1,8 +1,8 @@
 """Training speed: plmscale's real step against the Hugging Face model of the same shape, and per layout.
 
-Side by side, in one run: plmscale's `Trainer` (built in this process's child, one rank: DeepSpeed ZeRO-1 or
---zero N, torch AdamW, clipping 1.0; fp32 on CPU, bf16 on an accelerator) trains on real shards built from the
-embedded corpus; the peer is the `transformers` class of the same shape in a plain torch loop (fp32 weights,
+Side by side, in one run: plmscale's `Trainer` (built in this process's child, one rank: DeepSpeed ZeRO-1,
+or ds_configs/NAME.json with --ds-config NAME, torch AdamW, clipping 1.0; fp32 on CPU, bf16 on an
+accelerator) trains on real shards built from the embedded corpus; the peer is the `transformers` class of the same shape in a plain torch loop (fp32 weights,
 bf16 autocast on an accelerator, AdamW fused there, clipping 1.0, random tokens, 15 % MLM labels):
 `GPT2LMHeadModel` for the decoder and, for the encoder, both `MegatronBertForMaskedLM` (exactly plmscale's
 trunk: pre-LN, no embedding LayerNorm, final LayerNorm, the export target, but eager attention) and
@@ -22,6 +22,7 @@ TP2 x PP2 x DP2 (8 processes), and prints tokens/s and step time per layout from
     python benchmarks/bench_train.py --quick              # tiny shapes, 2 steps: a smoke run
     python benchmarks/bench_train.py --profile 25         # + torch.profiler's top ops of plmscale's step
     python benchmarks/bench_train.py --layouts            # step time per parallel layout, CPU
+    bash benchmarks/gpu_check.sh                          # GPU: the two large shapes only (issue 8)
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def matmul_peak() -> float:
 # --------------------------------------------------------------------------------------- plmscale
 
 
-def run_config(shape: Shape, shards: Path, vocab: int, output: Path, steps: int, zero: int = 1):
+def run_config(shape: Shape, shards: Path, vocab: int, output: Path, steps: int, zero: str = "zero1"):
     from plmscale.config import RunConfig
 
     return RunConfig.model_validate(
@@ -184,7 +185,7 @@ def run_config(shape: Shape, shards: Path, vocab: int, output: Path, steps: int,
                 "grad_clip": CLIP,
             },
             "train": {
-                "deepspeed_config": str(REPO / "ds_configs" / f"zero{zero}.json"),
+                "deepspeed_config": str(REPO / "ds_configs" / f"{zero}.json"),
                 "micro_batch_size": shape.micro, "global_batch_size": shape.micro, "train_steps": steps,
                 "precision": "fp32" if on_cpu() else "bf16", "output_dir": str(output),
             },
@@ -228,7 +229,7 @@ def plmscale_side(shape: Shape, shards: Path, args) -> dict:
     vocab = shard_vocab(shards)
     with tempfile.TemporaryDirectory() as output:
         cfg = run_config(
-            shape, shards, vocab, Path(output), args.warmup + args.steps + phase_steps, args.zero
+            shape, shards, vocab, Path(output), args.warmup + args.steps + phase_steps, args.ds_config
         )
         trainer = Trainer(cfg, 1)
         trainer.engine.train()
@@ -352,7 +353,7 @@ def run_worker(side: str, shapes: list[Shape], shards: Path, args) -> dict:
         sys.executable, __file__, "--worker", side, "--shards", str(shards),
         "--shapes", json.dumps([asdict(s) for s in shapes]),
         "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile", str(args.profile),
-        "--threads", str(args.threads), "--zero", str(args.zero),
+        "--threads", str(args.threads), "--ds-config", args.ds_config,
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -407,11 +408,17 @@ def print_tables(best: dict, shapes: list[Shape], device: str, load: str) -> Non
         print(f"| {shape.name} | " + " | ".join(cells) + f" | {sum(phases.values()) * 1e3:.1f} |")
 
 
-def compare(args, shards: Path) -> None:
-    shapes = QUICK_SHAPES if args.quick else CPU_SHAPES
+def chosen_shapes(args) -> list[Shape]:
+    """--quick: the tiny ones; --sizes small: the CPU shapes; large: GPT-3 XL and BERT-large (an
+    accelerator's); auto: small, and large too where there is an accelerator."""
+    if args.quick:
+        return QUICK_SHAPES
+    large = args.sizes == "large" or (args.sizes == "auto" and not on_cpu())
+    return ([] if args.sizes == "large" else CPU_SHAPES) + (ACCELERATOR_SHAPES if large else [])
+
+
+def compare(args, shards: Path, shapes: list[Shape]) -> None:
     device = accelerator().device_name()
-    if not on_cpu() and not args.quick:
-        shapes = shapes + ACCELERATOR_SHAPES
     runs = []
     for repeat in range(args.repeat):
         for side in ("plmscale", "peer") if repeat % 2 == 0 else ("peer", "plmscale"):
@@ -470,13 +477,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 timed steps, 1 repeat")
     parser.add_argument("--layouts", action="store_true", help="step time per parallel layout (CPU)")
+    parser.add_argument(
+        "--sizes", choices=["auto", "small", "large"], default="auto",
+        help="small: CPU shapes; large: GPT-3 XL and BERT-large (needs an accelerator); auto: both there",
+    )  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     parser.add_argument("--shards", type=Path, help="existing shards to train on (default: built here)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--repeat", type=int, default=3, help="runs per side; the fastest counts")
     parser.add_argument(
-        "--zero", type=int, default=1, choices=range(4), help="plmscale's ds_configs/zeroN.json"
-    )
+        "--ds-config", default="zero1", choices=sorted(p.stem for p in (REPO / "ds_configs").glob("*.json")),
+        help="plmscale's DeepSpeed file, ds_configs/NAME.json (one rank has nothing to partition)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (default: torch's)")
     parser.add_argument("--profile", type=int, default=0, help="print this many of the profiler's top ops")
     parser.add_argument("--worker", choices=["plmscale", "peer"], help=argparse.SUPPRESS)
@@ -486,12 +499,40 @@ def main() -> None:
         return worker(args)
     if args.quick:
         args.warmup, args.steps, args.repeat = 1, 2, 1
+    if args.shards and not (args.shards / "manifest.json").is_file():
+        parser.error(f"--shards {args.shards}: no manifest.json there (a directory of shards is expected)")
+    shapes = chosen_shapes(args)
+    if args.dry_run:
+        return dry_run(args, shapes)
+    if any(shape in ACCELERATOR_SHAPES for shape in shapes) and on_cpu():
+        parser.error("--sizes large needs an accelerator; DeepSpeed found none (this is the CPU)")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         shards = args.shards or build_shards(Path(tmp), args.quick)
         if args.layouts:
             layouts(args, shards, Path(tmp))
         else:
-            compare(args, shards)
+            compare(args, shards, shapes)
+
+
+def dry_run(args, shapes: list[Shape]) -> None:
+    """What the arguments select, and that everything this run would import is there."""
+    import deepspeed
+    import torch
+    import transformers
+
+    from plmscale.training.trainer import Trainer  # noqa: F401 - the import is the check
+
+    print(f"device: {accelerator().device_name()}; torch {torch.__version__}, deepspeed {deepspeed.__version__},"
+          f" transformers {transformers.__version__}")  # fmt: skip
+    what = "layouts " + ", ".join(name for name, *_ in LAYOUTS) if args.layouts else "plmscale vs peers"
+    print(f"would run: {what}; {args.warmup} warm-up + {args.steps} timed steps, {args.repeat} repeat(s), "
+          f"ds_configs/{args.ds_config}.json, shards: {args.shards or 'built from the embedded corpus'}")  # fmt: skip
+    for shape in [] if args.layouts else shapes:
+        peers = ", ".join(PEER_NAMES[p] for p in PEERS[shape.kind])
+        cfg = run_config(shape, Path("."), 8000, Path("."), args.warmup + args.steps, args.ds_config)
+        print(
+            f"  {shape.name}: {shape.micro * shape.seq} tokens per step, {cfg.train.precision}, against {peers}"
+        )
 
 
 if __name__ == "__main__":

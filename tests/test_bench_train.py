@@ -3,6 +3,7 @@
 Speed itself is not tested here: benchmarks/bench_train.py is where it is measured.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -57,3 +58,21 @@ def test_quick_benchmark_prints_both_families_against_their_peers(shards):
         data, forward, loss, backward, optimizer, other, step = map(_number, row[1:])
         assert min(data, loss) >= 0 and min(forward, backward, optimizer) > 0
         assert data + forward + loss + backward + optimizer + other == pytest.approx(step, abs=0.5)
+
+
+def test_gpu_check_parses_its_arguments_on_the_cpu(tmp_path):
+    """The GPU check's command line is checked here, so that a GPU session does not fail on a typo: the dry
+    run names both large shapes and their peers; a bad argument is one line, exit 2."""
+    env = {"PATH": os.environ["PATH"], "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
+    script = str(REPO / "benchmarks" / "gpu_check.sh")
+    dry = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "ds_configs/zero1_fp32_grads.json" in dry.stdout
+    assert "GPT 24 x 2048, seq 2048, micro 8 (GPT-3 XL): 16384 tokens per step" in dry.stdout
+    assert "BERT-large): 16384 tokens per step" in dry.stdout and "BertForMaskedLM" in dry.stdout
+    real = subprocess.run(
+        ["bash", script, "--shards", str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert real.returncode == 2 and real.stderr.strip().endswith(
+        f"--shards {tmp_path}: no manifest.json there (a directory of shards is expected)"
+    )

@@ -17,7 +17,7 @@ DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 def test_shipped_files_exist():
-    assert len(RECIPES) >= 5 and len(DS_CONFIGS) == 6
+    assert len(RECIPES) >= 5 and len(DS_CONFIGS) == 7
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

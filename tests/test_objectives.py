@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
+import torch
 from conftest import TEST_VOCAB
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from plmscale.config import ModelConfig
 from plmscale.data import BatchSource, PackedStream
+from plmscale.data.loader import Prefetched
 from plmscale.manifest import load_manifest, split_prefixes
 from plmscale.objectives import IGNORE_INDEX, available, get_objective
 from plmscale.tokenizer import CLS_ID, MASK_ID, SEP_ID
@@ -95,3 +97,17 @@ def test_batch_order_splits_ranks_and_is_stateless(shards):
     seen = {tuple(row.tolist()) for batch in rank0 + rank1 for row in batch["labels"]}
     assert len(seen) == 16  # 2 ranks x 2 micro-batches x 4 sequences, all different
     assert rank0[0]["input_ids"].shape == (4, 64)
+
+
+def test_prefetched_batches_are_the_sources_whatever_the_order_of_steps(shards):
+    """Built ahead in a thread, the batches are exactly those of the step asked for: in order, after a jump
+    (a resumed run), asking for a step again, or past the last step (nothing is built ahead then)."""
+    stream = PackedStream.from_manifest(shards, "train")
+    mlm = get_objective("mlm", {}, ENCODER.model_copy(update={"vocab_size": 2000}))
+    source = BatchSource(stream, mlm, 64, 4, dp_size=1, dp_rank=0, seed=11)
+    prefetched = Prefetched(BatchSource(stream, mlm, 64, 4, dp_size=1, dp_rank=0, seed=11), 6, pin=False)
+    for step in (0, 1, 2, 4, 4, 5):
+        got, expected = prefetched.micro_batches(step, 2), source.micro_batches(step, 2)
+        pairs = list(zip(got, expected, strict=True))
+        assert len(pairs) == 2 and all(torch.equal(g[k], e[k]) for g, e in pairs for k in e), step
+    assert prefetched.ahead is None  # step 5 is the last

@@ -7,10 +7,12 @@ objective's randomness (masks) by (seed, p). Nothing about the order needs savin
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from plmscale.data.packed import PackedStream
 from plmscale.objectives import Objective
@@ -77,3 +79,33 @@ class BatchSource(SampleOrder):
     def sample(self, index: int, position: int) -> dict[str, np.ndarray]:
         tokens = self.stream.window(index, self.window_length)
         return self.objective.make_example(tokens, np.random.default_rng([self.seed, position]))
+
+
+class Prefetched:
+    """`source`'s micro-batches, the next step's built in a background thread while this one trains, so data
+    is off the step's critical path. The order is untouched: a step's batches are a pure function of the step
+    (a resumed run, or a step that was not the one prefetched, builds them in place). With `pin`, the tensors
+    come in page-locked memory, so that the trainer's non-blocking copy to the accelerator is asynchronous."""
+
+    def __init__(self, source: SampleOrder, last_step: int, pin: bool):
+        self.source, self.last_step, self.pin = source, last_step, pin
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plmscale-data")
+        self.ahead: tuple[int, int, Future] | None = None  # (step, accumulation, batches being built)
+
+    def _build(self, step: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
+        batches = self.source.micro_batches(step, accumulation)
+        if self.pin:
+            batches = [{k: get_accelerator().pin_memory(t) for k, t in b.items()} for b in batches]
+        return batches
+
+    def micro_batches(self, step: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
+        ahead, self.ahead = self.ahead, None
+        if ahead and ahead[:2] == (step, accumulation):
+            batches = ahead[2].result()
+        else:
+            if ahead:
+                ahead[2].cancel()
+            batches = self._build(step, accumulation)
+        if step + 1 < self.last_step:
+            self.ahead = (step + 1, accumulation, self.worker.submit(self._build, step + 1, accumulation))
+        return batches

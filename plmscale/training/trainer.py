@@ -25,7 +25,7 @@ import torch.distributed as dist
 from plmscale import model_dir
 from plmscale.config import RunConfig, save_config
 from plmscale.data import BatchSource, InstanceBatchSource, InstanceSet, PackedStream
-from plmscale.data.loader import SampleOrder
+from plmscale.data.loader import Prefetched, SampleOrder
 from plmscale.distill import Distillation, default_student_layers, student_state_from_teacher
 from plmscale.distill.loss import term_counts
 from plmscale.distill.student import check_student_config
@@ -148,7 +148,9 @@ class Trainer:
         self.device = device()
         # Ranks that hold one copy of each loss value: TP rank 0 of the last stage in each pipeline.
         self.reports_loss = self.topo.is_last_stage and self.topo.tp_rank == 0
-        self.train_data = self._batch_source(cfg.data.train_split, shuffle=True)
+        train_batches = self._batch_source(cfg.data.train_split, shuffle=True)
+        pinned = self.device.type != "cpu"  # page-locked: asynchronous copies to the device
+        self.train_data = Prefetched(train_batches, cfg.train.train_steps, pinned)
         self.valid_data = self._batch_source(cfg.data.valid_split, shuffle=False)
         self.output = Path(cfg.train.output_dir)
         self.checkpoints = self.output / "checkpoints"

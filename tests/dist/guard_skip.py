@@ -20,7 +20,7 @@ from plmscale.training.guard import DivergenceGuard, TrainingDiverged
 from plmscale.training.trainer import Trainer
 
 LAYOUTS = [("zero0.json", "fp32"), ("zero1.json", "fp32"), ("zero2.json", "fp32"), ("zero3.json", "fp32"),
-           ("zero0.json", "bf16")]  # fmt: skip
+           ("zero0.json", "bf16"), ("zero1_fp32_grads.json", "bf16")]  # fmt: skip
 
 
 def tensors(tree, prefix=""):
