@@ -1,4 +1,5 @@
-"""Held-out loss, target accuracy and CPU inference speed of a model directory.
+"""Held-out loss, target accuracy and CPU inference speed of a model directory, beside the unigram-frequency
+baseline on the same targets.
 
 Batches come from training's own `BatchSource`, unshuffled and seeded: every model evaluated on the same
 shards with the same seed, batch shape and sequence length sees the same windows and the same masks, so a
@@ -14,6 +15,7 @@ import torch
 
 from plmscale.data import BatchSource, PackedStream
 from plmscale.errors import UserError
+from plmscale.eval.baseline import FrequencyBaseline, training_frequencies
 from plmscale.manifest import load_manifest
 from plmscale.model_dir import TOKENIZER, load_local_model, load_run_config
 from plmscale.objectives import get_objective
@@ -30,12 +32,28 @@ def check_same_tokenizer(model_dir: Path, shards_dir: str | Path) -> None:
         )
 
 
-def full_forward(
-    objective, batch: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Forward arguments without `target_mask`, so the timed pass is deployment's: logits everywhere."""
-    inputs = objective.model_inputs(batch)
-    return inputs, inputs.pop("target_mask", None)
+SPEED_BATCHES = (1, 32)  # deployment's two regimes: one request's latency, a full batch's throughput
+SPEED_REPEATS = 10
+
+
+def inference_speed(model, inputs: torch.Tensor, repeats: int = SPEED_REPEATS) -> dict[str, float]:
+    """Forward passes of the trunk (embeddings and transformer layers, no vocabulary head: a classifier never
+    runs it, fill-mask and generation at a few positions only) on [1, seq] and [32, seq] held-out inputs.
+    Each figure is the best of `repeats` timed passes after one warm-up, the least disturbed by whatever
+    else the machine runs (timeit's rule)."""
+    speed = {}
+    with torch.inference_mode():
+        for batch_size in SPEED_BATCHES:
+            rows = inputs[torch.arange(batch_size) % inputs.shape[0]]
+            model.hidden_states(rows)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model.hidden_states(rows)
+                best = min(best, time.perf_counter() - start)
+            speed[f"batch{batch_size}_ms"] = best * 1000
+            speed[f"batch{batch_size}_tokens_per_s"] = rows.numel() / best
+    return speed
 
 
 def evaluate(
@@ -46,12 +64,13 @@ def evaluate(
     batch_size: int = 8,
     seed: int = 1234,
     seq_length: int | None = None,
+    baseline: FrequencyBaseline | None = None,
 ) -> dict:
     """Score the unsharded model on `batches` x `batch_size` held-out sequences.
 
     `loss` is the objective's loss summed over all targets / number of targets (not a mean of batch
-    means); `tokens_per_s` counts input positions of forward-only passes (logits at every position, as
-    in deployment) after one warm-up batch.
+    means); `baseline_loss` and `baseline_accuracy` are the unigram-frequency baseline's on the same
+    targets (`baseline`, or counted from the shards' training split). Speeds: see `inference_speed`.
     `seq_length` defaults to the model's training sequence length.
     """
     model_dir = Path(model_dir)
@@ -65,22 +84,23 @@ def evaluate(
         stream, objective, seq_length, batch_size, dp_size=1, dp_rank=0, seed=seed, shuffle=False
     )
     data = source.micro_batches(step=0, accumulation=batches)
+    if baseline is None:
+        baseline = FrequencyBaseline(
+            training_frequencies(str(shards_dir)), specials_are_targets=cfg.kind == "decoder"
+        )
 
-    loss_sum, targets, correct, seconds = 0.0, 0, 0, 0.0
+    loss_sum, targets, correct, baseline_sum, baseline_correct = 0.0, 0, 0, 0.0, 0
     with torch.inference_mode():
-        model(**full_forward(objective, data[0])[0])  # warm-up: first-call allocations stay out of the timing
         for batch in data:
-            inputs, target_mask = full_forward(objective, batch)
-            start = time.perf_counter()
-            logits = model(**inputs)
-            seconds += time.perf_counter() - start
-            # the rows the head gives with `target_mask`, in the same order
-            logits = logits.flatten(0, -2) if target_mask is None else logits[target_mask]
+            logits = model(**objective.model_inputs(batch))
             batch_sum, count = objective.loss(logits, batch, model.spec)
-            predicted = model.spec.gather_logits(logits).argmax(-1)
+            labels = objective.targets(batch, logits)
             loss_sum += float(batch_sum)
             targets += count
-            correct += int((predicted == objective.targets(batch)).sum())
+            correct += int((model.spec.gather_logits(logits).argmax(-1) == labels).sum())
+            guessed_sum, guessed = baseline.score(labels.flatten())
+            baseline_sum += guessed_sum
+            baseline_correct += guessed
     tokens = sum(batch["input_ids"].numel() for batch in data)
     return {
         "model_dir": str(model_dir),
@@ -96,6 +116,9 @@ def evaluate(
         "accuracy": correct / max(targets, 1),
         "targets": targets,
         "tokens": tokens,
-        "tokens_per_s": tokens / seconds,
+        "baseline_loss": baseline_sum / max(targets, 1),
+        "baseline_accuracy": baseline_correct / max(targets, 1),
+        "baseline_tokens": baseline.tokens,
+        **inference_speed(model, torch.cat([batch["input_ids"] for batch in data])),
         "threads": torch.get_num_threads(),
     }
