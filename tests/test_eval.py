@@ -16,11 +16,11 @@ from test_export_hf import TRAIN_LINES, docstring_lines, make_model_dir, train_t
 
 from data_prep import UserError
 from plmscale.data import BatchSource, PackedStream
+from plmscale.data.masking import FIRST_ORDINARY_ID
 from plmscale.eval import add_eval_parser
 from plmscale.eval.evaluate import evaluate
 from plmscale.eval.report import report
 from plmscale.manifest import FORMAT, write_manifest
-from plmscale.data.masking import FIRST_ORDINARY_ID
 from plmscale.model_dir import TOKENIZER, load_local_model, load_run_config
 from plmscale.objectives import get_objective
 from plmscale.tokenizer import SEP_ID, Tokenizer, file_sha256
