@@ -21,7 +21,8 @@ teacher_warmup=$(( teacher_steps < 50 ? teacher_steps : 50 ))
 student_warmup=$(( student_steps < 20 ? student_steps : 20 ))
 
 plmscale prep corpus --out "$data/corpus.jsonl"
-plmscale prep tokenizer --input "$data/corpus.jsonl" --vocab-size 8000 --out "$data/tokenizer"
+# 2,000 pieces: a small vocabulary is learned in fewer steps (and is the recipes' model.vocab_size)
+plmscale prep tokenizer --input "$data/corpus.jsonl" --vocab-size 2000 --out "$data/tokenizer"
 plmscale prep shards --input "$data/corpus.jsonl" --tokenizer "$data/tokenizer/tokenizer.model" \
   --workers 2 --valid-fraction 0.05 --out "$data/shards"
 
@@ -34,6 +35,9 @@ launch/train.sh launch/recipes/bert_tiny_distill.yaml --distill \
 
 plmscale export --model "$out/student/model" --format hf --output "$out/student_hf"
 plmscale eval --teacher "$out/teacher/model" --student "$out/student/model" --shards "$data/shards" \
-  --runs teacher="$out/teacher" student="$out/student" --export "$out/student_hf" --plot "$out/loss_curves.png"
+  --runs teacher="$out/teacher" student="$out/student" --export "$out/student_hf" --plot "$out/loss_curves.png" \
+  --fill-mask "Return True if the operand is a signaling NaN; otherwise return [MASK]." \
+    "If not provided, the current working [MASK] is used." \
+    "If no fields exist with the given name, returns an empty [MASK]."  # documents of the held-out split
 
 echo "demo wall time: $(( $(date +%s) - start )) s"

@@ -19,7 +19,7 @@ from plmscale.data import BatchSource, PackedStream
 from plmscale.data.masking import FIRST_ORDINARY_ID
 from plmscale.eval import add_eval_parser
 from plmscale.eval.evaluate import evaluate
-from plmscale.eval.report import report
+from plmscale.eval.report import loss_panels, report
 from plmscale.manifest import FORMAT, write_manifest
 from plmscale.model_dir import TOKENIZER, load_local_model, load_run_config
 from plmscale.objectives import get_objective
@@ -189,6 +189,17 @@ def test_eval_command_writes_report_plot_and_json(setup, tmp_path):
     assert lines[first + 2].startswith("    student ")
     assert lines[first + 4].count(" | ") == 1  # two masks
     assert f"tensorboard {tmp_path / 'pretrain' / 'tensorboard'}" in text and "hf_dir" in text
+
+
+def test_distillation_loss_gets_its_own_panel(tmp_path):
+    write_metrics(tmp_path / "pretrain", [8.0, 6.0])
+    write_metrics(tmp_path / "distill", [5.0, 4.5])
+    (tmp_path / "distill" / "config.yaml").write_text("distill: {teacher: x, temperature: 2.0, alpha: 0.5}\n")
+    panels = loss_panels({"pretrain": tmp_path / "pretrain", "distill": tmp_path / "distill"})
+    assert {title: [(name, train) for _, name, _, train in runs] for title, runs in panels.items()} == {
+        "objective loss": [("pretrain", True), ("distill", False)],  # the distill run's held-out MLM only
+        "distillation loss": [("distill", True)],
+    }
 
 
 def test_report_without_student_or_runs(setup, capsys):

@@ -50,16 +50,27 @@ def train_label(run: str | Path) -> str:
     return "train"
 
 
-def plot_losses(runs: dict[str, str | Path], path: str | Path, baseline_loss: float | None = None) -> Path:
-    """One panel per kind of loss, one colour per run: the objective's loss (train as lines, held-out as
-    markers, the unigram-frequency baseline as a dotted line), then each other training loss (distillation,
-    MLM + pair) on its own axis, since it is not comparable to the objective's."""
-    panels: dict[str, list] = {"train": []}  # train label -> (run number, name, run, show train curve)
+OBJECTIVE_PANEL = "objective loss"
+
+
+def loss_panels(runs: dict[str, str | Path]) -> dict[str, list[tuple[int, str, str | Path, bool]]]:
+    """Panel title -> (run number, name, run, whether its train curve is drawn there). The objective's loss
+    panel holds every held-out curve and the train curves of runs that optimize the objective itself; each
+    other training loss (distillation, MLM + pair) gets its own panel, not being comparable to it."""
+    panels: dict[str, list] = {OBJECTIVE_PANEL: []}
     for number, (name, run) in enumerate(runs.items()):
         label = train_label(run)
-        panels["train"].append((number, name, run, label == "train"))
+        panels[OBJECTIVE_PANEL].append((number, name, run, label == "train"))
         if label != "train":
-            panels.setdefault(label, []).append((number, name, run, True))
+            title = label.removeprefix("train (").removesuffix(")")
+            panels.setdefault(title, []).append((number, name, run, True))
+    return panels
+
+
+def plot_losses(runs: dict[str, str | Path], path: str | Path, baseline_loss: float | None = None) -> Path:
+    """One panel per kind of loss (`loss_panels`), one colour per run: train losses as lines, held-out as
+    markers, the unigram-frequency baseline as a dotted line on the objective's panel."""
+    panels = loss_panels(runs)
     fig = Figure(figsize=(6.5 * len(panels), 4.5), layout="constrained")
     for ax, (label, entries) in zip(
         fig.subplots(1, len(panels), squeeze=False)[0], panels.items(), strict=True
