@@ -13,11 +13,11 @@ cd "$(dirname "$0")/.."
 
 out="${DEMO_DIR:-runs/demo}"
 data="$out/data"
-teacher_steps="${DEMO_TEACHER_STEPS:-600}"
-student_steps="${DEMO_STUDENT_STEPS:-150}"
+teacher_steps="${DEMO_TEACHER_STEPS:-1200}"
+student_steps="${DEMO_STUDENT_STEPS:-300}"
 start=$(date +%s)
-# a shortened run warms up over at most all its steps (the recipes warm up over 50 and 20)
-teacher_warmup=$(( teacher_steps < 50 ? teacher_steps : 50 ))
+# a shortened run warms up over at most all its steps (the recipes warm up over 100 and 20)
+teacher_warmup=$(( teacher_steps < 100 ? teacher_steps : 100 ))
 student_warmup=$(( student_steps < 20 ? student_steps : 20 ))
 
 plmscale prep corpus --out "$data/corpus.jsonl"
