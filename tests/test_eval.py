@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 
 import numpy as np
@@ -15,27 +16,41 @@ from test_export_hf import TRAIN_LINES, docstring_lines, make_model_dir, train_t
 
 from data_prep import UserError
 from plmscale.data import BatchSource, PackedStream
+from plmscale.data.masking import FIRST_ORDINARY_ID
 from plmscale.eval import add_eval_parser
 from plmscale.eval.evaluate import evaluate
-from plmscale.eval.report import report
+from plmscale.eval.report import loss_panels, report
 from plmscale.manifest import FORMAT, write_manifest
-from plmscale.model_dir import load_local_model, load_run_config
+from plmscale.model_dir import TOKENIZER, load_local_model, load_run_config
 from plmscale.objectives import get_objective
-from plmscale.tokenizer import Tokenizer, file_sha256
+from plmscale.tokenizer import SEP_ID, Tokenizer, file_sha256
 
-TIMINGS = ("tokens_per_s", "threads")
+TIMINGS = ("batch1_ms", "batch1_tokens_per_s", "batch32_ms", "batch32_tokens_per_s", "threads")
 
 
 def write_shards(directory, tokenizer_path) -> None:
-    """A `valid` split of one shard, one document per docstring line, and its manifest."""
+    """A `train` and a `valid` split of one shard each, one document per docstring line, and the manifest."""
     directory.mkdir()
     tokenizer = Tokenizer(tokenizer_path)
-    builder = IndexedDatasetBuilder(str(directory / "valid_00000.bin"), dtype=np.uint16)
-    documents = tokenizer.encode(docstring_lines()[TRAIN_LINES:])
-    for ids in documents:
-        builder.add_document(torch.tensor(ids), [len(ids)])
-    builder.finalize(str(directory / "valid_00000.idx"))
-    files = {name: file_sha256(directory / name) for name in ("valid_00000.bin", "valid_00000.idx")}
+    lines = {"train": docstring_lines()[:TRAIN_LINES], "valid": docstring_lines()[TRAIN_LINES:]}
+    splits = {}
+    for split, texts in lines.items():
+        prefix = f"{split}_00000"
+        builder = IndexedDatasetBuilder(str(directory / f"{prefix}.bin"), dtype=np.uint16)
+        documents = tokenizer.encode(texts)
+        for ids in documents:
+            builder.add_document(torch.tensor(ids), [len(ids)])
+        builder.finalize(str(directory / f"{prefix}.idx"))
+        files = {name: file_sha256(directory / name) for name in (f"{prefix}.bin", f"{prefix}.idx")}
+        splits[split] = [
+            {
+                "prefix": prefix,
+                "documents": len(documents),
+                "sentences": len(documents),
+                "tokens": sum(map(len, documents)),
+                "files": files,
+            }
+        ]
     write_manifest(
         directory,
         {
@@ -46,17 +61,7 @@ def write_shards(directory, tokenizer_path) -> None:
                 "vocab_size": tokenizer.vocab_size,
             },
             "dtype": "uint16",
-            "splits": {
-                "valid": [
-                    {
-                        "prefix": "valid_00000",
-                        "documents": len(documents),
-                        "sentences": len(documents),
-                        "tokens": sum(map(len, documents)),
-                        "files": files,
-                    }
-                ]
-            },
+            "splits": splits,
         },
     )
 
@@ -98,7 +103,23 @@ def test_loss_and_accuracy_match_a_hand_computation(setup):
     assert result["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     accuracy = (logits.argmax(-1)[targets] == labels[targets]).float().mean().item()
     assert result["accuracy"] == pytest.approx(accuracy) and 0 <= result["accuracy"] <= 1
-    assert result["tokens"] == 2 * 3 * 32 and result["tokens_per_s"] > 0 and result["threads"] >= 1
+    assert result["tokens"] == 2 * 3 * 32 and result["threads"] >= 1
+    assert result["batch32_tokens_per_s"] == pytest.approx(32 * 32 / (result["batch32_ms"] / 1000))
+    assert result["batch1_ms"] > 0 and result["batch1_tokens_per_s"] > 0
+
+    # the unigram-frequency baseline: add-one counts of the train split (each document and its [SEP]) over
+    # the tokens MLM can target, scored on the same targets
+    tokenizer = Tokenizer(models["teacher"] / TOKENIZER)
+    counts = np.ones(tokenizer.vocab_size)
+    documents = tokenizer.encode(docstring_lines()[:TRAIN_LINES])
+    for ids in documents:
+        np.add.at(counts, [*ids, SEP_ID], 1)
+    counts[:FIRST_ORDINARY_ID] = 0
+    probs = counts / counts.sum()
+    hits = labels[targets].numpy()
+    assert result["baseline_loss"] == pytest.approx(-np.log(probs[hits]).mean(), rel=1e-9)
+    assert result["baseline_accuracy"] == pytest.approx((hits == probs.argmax()).mean())
+    assert result["baseline_tokens"] == sum(len(ids) + 1 for ids in documents)
 
 
 def test_same_seed_same_numbers_other_seed_other_masks(setup):
@@ -148,15 +169,37 @@ def test_eval_command_writes_report_plot_and_json(setup, tmp_path):
         ["eval", "--teacher", str(models["teacher"]), "--student", str(models["student"]),
          "--shards", str(root / "shards"), "--batches", "2", "--batch-size", "2",
          "--runs", f"pretrain={tmp_path / 'pretrain'}", f"distill={tmp_path / 'distill'}",
-         "--plot", str(tmp_path / "plots" / "loss.png"), "--json", str(tmp_path / "eval.json"), "--export", "hf_dir"]
+         "--plot", str(tmp_path / "plots" / "loss.png"), "--json", str(tmp_path / "eval.json"), "--export", "hf_dir",
+         "--fill-mask", "Return the [MASK] of the argument.", "A [MASK] of [MASK] items."]
     )  # fmt: skip
     text = args.func(args)
     assert (tmp_path / "plots" / "loss.png").read_bytes().startswith(b"\x89PNG")
     numbers = json.loads((tmp_path / "eval.json").read_text())
     assert numbers["teacher"]["targets"] == numbers["student"]["targets"]  # same masks for both
-    assert "pretrain: train loss 8.0000 (step 10) -> 4.0000 (step 40), fell by 4.0000 (50.0%)" in text
-    assert "x the speed" in text and "x the parameters" in text
+    assert "pretrain: train loss 8.0000 (step 10) -> 4.0000 (step 40); held-out 4.1000 (step 40)" in text
+    teacher = numbers["teacher"]
+    baseline = f"baseline    {teacher['baseline_loss']:.4f}    {teacher['baseline_accuracy']:.4f}"
+    assert baseline in text and f"{teacher['baseline_tokens']:,} training tokens" in text
+    assert re.search(r"student / teacher: [\d.]+% of the accuracy, loss [+-][\d.]+", text)
+    assert "x the speed at batch 1" in text and "x at batch 32" in text and "x the parameters" in text
+    # each model's top 3 per mask, from plmscale fill-mask's own code
+    lines = text.splitlines()
+    first = lines.index("  Return the [MASK] of the argument.")
+    assert lines[first + 1].startswith("    teacher ") and lines[first + 1].count(", ") == 2
+    assert lines[first + 2].startswith("    student ")
+    assert lines[first + 4].count(" | ") == 1  # two masks
     assert f"tensorboard {tmp_path / 'pretrain' / 'tensorboard'}" in text and "hf_dir" in text
+
+
+def test_distillation_loss_gets_its_own_panel(tmp_path):
+    write_metrics(tmp_path / "pretrain", [8.0, 6.0])
+    write_metrics(tmp_path / "distill", [5.0, 4.5])
+    (tmp_path / "distill" / "config.yaml").write_text("distill: {teacher: x, temperature: 2.0, alpha: 0.5}\n")
+    panels = loss_panels({"pretrain": tmp_path / "pretrain", "distill": tmp_path / "distill"})
+    assert {title: [(name, train) for _, name, _, train in runs] for title, runs in panels.items()} == {
+        "objective loss": [("pretrain", True), ("distill", False)],  # the distill run's held-out MLM only
+        "distillation loss": [("distill", True)],
+    }
 
 
 def test_report_without_student_or_runs(setup, capsys):

@@ -58,14 +58,14 @@ class PackedStream:
         pieces, position = [], start
         while position < end:
             doc_start = int(self.doc_offset[doc])
-            tokens = self._document(doc)
+            tokens = self.document(doc)
             tokens = np.append(tokens, self.separator)[position - doc_start :]
             pieces.append(tokens[: end - position])
             position += len(pieces[-1])
             doc += 1
         return np.concatenate(pieces).astype(np.int64)
 
-    def _document(self, doc: int) -> np.ndarray:
+    def document(self, doc: int) -> np.ndarray:
         shard = self.doc_dataset[doc]
         # A document's sentences are contiguous in the .bin file: one read covers them all.
         tokens = self.datasets[shard].get(int(self.doc_first_item[doc]), 0, int(self.doc_length[doc]))

@@ -46,6 +46,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         help="training output directories (with metrics.jsonl) whose loss curves to plot and summarize",
     )
     parser.add_argument("--export", help="a Hugging Face export directory, to list among the outputs")
+    parser.add_argument(
+        "--fill-mask",
+        nargs="*",
+        default=[],
+        metavar="TEXT",
+        help='texts with "[MASK]"s (held-out sentences) to fill with each encoder, top 3 per mask',
+    )
     parser.add_argument("--plot", default="loss_curves.png", help="PNG of the loss curves (with --runs)")
     parser.add_argument("--json", help="also write the evaluation numbers to this JSON file")
     parser.set_defaults(func=run_eval_command)
@@ -77,7 +84,20 @@ def run_eval_command(args: argparse.Namespace) -> str:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"teacher": teacher, "student": student}, indent=2) + "\n")
-    return report(teacher, student, dict(args.runs), args.plot, args.export)
+    models = {"teacher": args.teacher} | ({"student": args.student} if args.student else {})
+    examples = fill_mask_examples(models, args.fill_mask)
+    return report(teacher, student, dict(args.runs), args.plot, args.export, examples)
+
+
+def fill_mask_examples(models: dict[str, str], texts: list[str], top_k: int = 3) -> dict:
+    """text -> model name -> `FilledText`, with `plmscale fill-mask`'s own code."""
+    if not texts:
+        return {}
+    from plmscale.inference.fill_mask import fill_mask
+    from plmscale.inference.model import load_language_model
+
+    loaded = {name: load_language_model(directory) for name, directory in models.items()}
+    return {text: {name: fill_mask(lm, text, top_k) for name, lm in loaded.items()} for text in texts}
 
 
 __all__ = ["add_eval_parser", "run_eval_command"]
