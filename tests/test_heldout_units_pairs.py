@@ -84,7 +84,7 @@ def test_eval_reports_unit_accuracy_on_ernie_instances(shards, ernie_valid, tmp_
     root, _ = ernie_valid
     directory = model_dir(shards, tmp_path / "m")
     result = evaluate(directory, shards, batches=4, batch_size=4, instances_dir=root / "valid")
-    assert result["split"] == "valid instances"
+    assert result["split"] == "instances of valid"
     # by hand, instance by instance: a unit is right when the argmax is the label at each of its positions
     model, _ = load_local_model(directory)
     instances, units, whole, tokens_right, tokens = InstanceSet(root / "valid"), 0, 0, 0, 0

@@ -149,7 +149,7 @@ def evaluate(
             source = InstanceBatchSource(instances, seq_length, objective=objective, units=True, **order)
         except InstanceSetError as exc:
             raise UserError(str(exc)) from None
-        split = f"{instances.manifest['split']} instances"
+        split = f"instances of {instances.manifest['split']}"
         batches = min(batches, max(1, len(instances) // batch_size))
     data = source.micro_batches(step=0, accumulation=batches)
 
