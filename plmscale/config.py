@@ -211,6 +211,11 @@ class DataConfig(_Strict):
         description="pre-masked training instances (`plmscale prep instances`) instead of masking on the "
         "fly; the shards still give the tokenizer and the held-out split",
     )
+    eval_instances: str | None = Field(
+        None,
+        description="held-out instances (`plmscale prep instances --split valid`) for training's eval "
+        "instead of the shards' valid split: scores the pair head too (pair_accuracy)",
+    )
     train_split: str = "train"
     valid_split: str = "valid"
     seq_length: int = Field(gt=2)
@@ -649,11 +654,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{file}: {_problems(err, ('objective', 'params'))}") from None
     except (KeyError, ValueError) as err:
         raise ConfigError(f"{file}: objective: {err.args[0]}") from None
-    if config.data.instances and not objective.instance_fields:
-        trained = [name for name in available() if get_objective_class(name).instance_fields]
-        raise ConfigError(
-            f"{file}: data.instances trains the {', '.join(trained)} objectives, not {objective.name!r}"
-        )
+    for key in ("instances", "eval_instances"):
+        if getattr(config.data, key) and not objective.instance_fields:
+            trained = [name for name in available() if get_objective_class(name).instance_fields]
+            raise ConfigError(
+                f"{file}: data.{key} serves the {', '.join(trained)} objectives, not {objective.name!r}"
+            )
     _check_schedule(file, config)
     if config.train.init_from:
         _check_init_from(file, config)

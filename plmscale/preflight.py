@@ -164,23 +164,25 @@ def check_data(cfg: RunConfig, verify: bool) -> dict[str, Any]:
                 f"data.seq_length={data.seq_length}: one sample takes {window} tokens but split {split!r} "
                 f"({key}) holds {tokens} ({where})"
             )
-    if data.instances:
-        _check_instances(cfg, manifest, objective, verify)
+    for name in ("instances", "eval_instances"):
+        if getattr(data, name):
+            _check_instances(cfg, manifest, objective, verify, name)
     return manifest
 
 
-def _check_instances(cfg: RunConfig, shards: dict, objective, verify: bool) -> None:
-    """An instance set must carry the fields the objective trains on (pair labels: only nsp / sop sets have
-    them, and each means another task), come from the shards' tokenizer and fit `data.seq_length`."""
+def _check_instances(cfg: RunConfig, shards: dict, objective, verify: bool, name: str) -> None:
+    """An instance set (`data.instances`, `data.eval_instances`) must carry the fields the objective trains
+    on (pair labels: only nsp / sop sets have them, and each means another task), come from the shards'
+    tokenizer and fit `data.seq_length`."""
     from plmscale.data.instances import InstanceSetError, load_instance_manifest
 
-    key = f"data.instances={cfg.data.instances}"
+    key = f"data.{name}={getattr(cfg.data, name)}"
     try:
-        manifest = load_instance_manifest(cfg.data.instances, verify=verify)
+        manifest = load_instance_manifest(getattr(cfg.data, name), verify=verify)
     except InstanceSetError as err:
         raise ConfigError(f"{key}: {err}") from None
     try:
-        objective.check_instances(manifest)
+        objective.check_instances(manifest, f"data.{name}")
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if manifest["tokenizer"]["sha256"] != shards["tokenizer"]["sha256"]:

@@ -249,6 +249,8 @@ class BertInstances(InstanceType):
             "mask_labels": (masked.labels, masked.position_counts),
             "spans": (masked.spans.reshape(-1), 2 * masked.span_counts),
         } | extra
+        if "span_levels" in self.fields:  # ernie: which spans are entities and phrases, for held-out scoring
+            fields["span_levels"] = (masked.span_levels, masked.span_counts)
         return Instances(
             {field: values for field, (values, _) in fields.items()},
             {field: sizes for field, (_, sizes) in fields.items()},
@@ -313,4 +315,6 @@ class SpanBERT(BertInstances):
 
 @register
 class Ernie(BertInstances):
+    # span_levels: each span's ERNIE level (0 basic, 1 phrase, 2 entity; plmscale.data.masking.ERNIE_LEVELS)
     name, preset = "ernie", "ernie"
+    fields = BertInstances.fields | {"span_levels": np.uint8}

@@ -169,7 +169,12 @@ def _prepare_params(
 
         if not params.get("entities"):
             raise UserError("ERNIE masking needs an entity list: --entities FILE")
-        params["entities"] = str(Path(params["entities"]).resolve())
+        entities = Path(params["entities"])
+        if not entities.is_file():  # before the phrase pass, which takes a while
+            raise UserError(f"--entities {entities}: no such file")
+        if not entities.read_text(encoding="utf-8").strip():
+            raise UserError(f"--entities {entities}: holds no entity (one entity a line)")
+        params["entities"] = str(entities.resolve())
         params["tokenizer"] = str(tokenizer.path.resolve())
         if params.get("phrases") is None:  # collocations of the words the masker will see
             from data_prep.words import SEGMENTERS

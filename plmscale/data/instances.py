@@ -100,7 +100,8 @@ class InstanceBatchSource(SampleOrder):
     the masked positions, so the `mlm` objective's loss applies unchanged; `token_type_ids` are the
     segments. Sets with pair labels (nsp, sop) add `pair_label`, one per sequence, which the pair
     objectives (mlm_nsp, mlm_sop) train on and `mlm` ignores; the `objective`, if given, adds what else it
-    reads of an instance (`Objective.instance_sample`: SpanBERT's span boundaries)."""
+    reads of an instance (`Objective.instance_sample`: SpanBERT's span boundaries). With `units`, ERNIE
+    sets (with `span_levels`) add the entity and phrase units for held-out scoring (`unit_positions`)."""
 
     def __init__(
         self,
@@ -112,6 +113,7 @@ class InstanceBatchSource(SampleOrder):
         seed: int,
         shuffle: bool = True,
         objective: Objective | None = None,
+        units: bool = False,
     ):
         missing = {"tokens", "mask_positions", "mask_labels"} - set(instances.fields)
         if missing:
@@ -129,6 +131,7 @@ class InstanceBatchSource(SampleOrder):
             raise InstanceSetError(f"{instances.manifest['directory']}: holds no instance")
         super().__init__(len(instances), micro_batch_size, dp_size, dp_rank, seed, shuffle)
         self.instances, self.seq_length, self.objective = instances, seq_length, objective
+        self.units = units and "span_levels" in instances.fields
 
     def sample(self, index: int, position: int) -> dict[str, np.ndarray]:
         instance = self.instances[index]
@@ -150,4 +153,19 @@ class InstanceBatchSource(SampleOrder):
         }
         if "pair_label" in instance:
             sample["pair_label"] = instance["pair_label"][0].astype(np.int64)
+        if self.units:
+            sample |= unit_positions(instance, self.seq_length)
         return sample if self.objective is None else self.objective.instance_sample(sample, instance)
+
+
+def unit_positions(instance: dict[str, np.ndarray], seq_length: int) -> dict[str, np.ndarray]:
+    """`unit_ids`: 1 + the index of the entity or phrase unit covering each position, 0 elsewhere (basic
+    units are not counted: they are what token accuracy scores); `unit_levels`: that unit's ERNIE level
+    (plmscale.data.masking.ERNIE_LEVELS: 1 phrase, 2 entity), 0 elsewhere."""
+    spans = instance["spans"].astype(np.int64).reshape(-1, 2)
+    levels = instance["span_levels"].astype(np.int64)
+    unit_ids, unit_levels = np.zeros(seq_length, dtype=np.int64), np.zeros(seq_length, dtype=np.int64)
+    for unit, ((start, end), level) in enumerate(zip(spans.tolist(), levels.tolist(), strict=True)):
+        if level:
+            unit_ids[start:end], unit_levels[start:end] = unit + 1, level
+    return {"unit_ids": unit_ids, "unit_levels": unit_levels}

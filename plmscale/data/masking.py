@@ -21,6 +21,7 @@ The offline instance builder and the training-time objective (`plmscale.objectiv
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,6 +89,9 @@ class MaskedBatch(Masked):
 
     position_counts: np.ndarray
     span_counts: np.ndarray
+    # ernie: each span's level, an index into ERNIE_LEVELS, so held-out scoring can tell entity and
+    # phrase units from basic ones; None for the other units
+    span_levels: np.ndarray | None = None
 
 
 def word_start_table(tokenizer: Tokenizer) -> np.ndarray:
@@ -241,7 +245,10 @@ class Masker:
             spans = self._spans(maskable, word_starts, sequence, budgets, rng)
         else:
             spans = self._ernie_batch(maskable, word_starts, offsets, budgets, rng, phrases, entities)
-        return self._replace(tokens, spans, offsets, sequence, per_unit=unit in ("span", "ernie"), rng=rng)
+            spans, levels = spans[:, :2], spans[:, 2]
+            masked = self._replace(tokens, spans, offsets, sequence, per_unit=True, rng=rng)
+            return dataclasses.replace(masked, span_levels=levels)
+        return self._replace(tokens, spans, offsets, sequence, per_unit=unit == "span", rng=rng)
 
     @staticmethod
     def _tokens(maskable, sequence, budgets, rng: np.random.Generator) -> np.ndarray:
@@ -326,19 +333,20 @@ class Masker:
         return free
 
     def _ernie_batch(self, maskable, word_starts, offsets, budgets, rng, phrases, entities) -> np.ndarray:
-        """ERNIE's units are chosen sequence by sequence, each from the phrases and entities inside it."""
+        """ERNIE's units are chosen sequence by sequence, each from the phrases and entities inside it;
+        rows [start, end, level] (level: index into ERNIE_LEVELS)."""
         phrases, entities = _as_spans(phrases), _as_spans(entities)
-        chosen = [np.zeros((0, 2), dtype=np.int64)]
+        chosen = [np.zeros((0, 3), dtype=np.int64)]
         for i, budget in enumerate(budgets.tolist()):
             a, b = int(offsets[i]), int(offsets[i + 1])
             inside = [units[(units[:, 0] >= a) & (units[:, 1] <= b)] - a for units in (phrases, entities)]
             starts = None if word_starts is None else word_starts[a:b]
-            chosen.append(self._ernie(maskable[a:b], starts, budget, rng, *inside) + a)
+            chosen.append(self._ernie(maskable[a:b], starts, budget, rng, *inside) + [a, a, 0])
         return np.concatenate(chosen)
 
     def _ernie(self, maskable, word_starts, budget, rng, phrases, entities) -> np.ndarray:
         """Entity, then phrase units, each up to its share of the budget; basic units take the rest."""
-        chosen, taken = [], np.zeros(len(maskable), dtype=bool)
+        chosen, levels, taken = [], [], np.zeros(len(maskable), dtype=bool)
         for level, candidates in (("entity", entities), ("phrase", phrases)):
             blocked = np.concatenate([[0], np.cumsum(taken | ~maskable)])  # free inside: no count change
             candidates = candidates[blocked[candidates[:, 1]] == blocked[candidates[:, 0]]]
@@ -348,13 +356,15 @@ class Masker:
             for start, end in units.tolist():
                 taken[start:end] = True
             chosen.append(units)
+            levels.append(np.full(len(units), ERNIE_LEVELS.index(level)))
         free = maskable & ~taken
         basic = word_starts if word_starts is not None else np.ones(len(free), dtype=bool)
         starts, ends = word_units(free, basic)
         order = rng.permutation(len(starts))
         pick = order[fill((ends - starts)[order], budget - int(taken.sum()))]
         chosen.append(np.stack([starts[pick], ends[pick]], axis=1))
-        spans = np.concatenate(chosen)
+        levels.append(np.full(len(pick), ERNIE_LEVELS.index("token")))
+        spans = np.concatenate([np.concatenate(chosen), np.concatenate(levels)[:, None]], axis=1)
         return spans[np.argsort(spans[:, 0])]
 
     def _replace(self, tokens, spans, offsets, sequence, *, per_unit: bool, rng) -> MaskedBatch:

@@ -33,6 +33,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--student", help="a second model directory to compare (e.g. the distilled one)")
     parser.add_argument("--shards", help="shard directory (default: the teacher's data.shards)")
     parser.add_argument("--split", default="valid")
+    parser.add_argument(
+        "--instances",
+        help="held-out instances (`plmscale prep instances --split valid`) instead of the shards' split: "
+        "adds pair_accuracy (NSP/SOP) and, on ERNIE sets, unit_accuracy",
+    )
     parser.add_argument("--batches", type=int, default=8, help="batches to score (default 8)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     parser.add_argument("--seed", type=int, default=1234, help="seeds the masks (default 1234)")
@@ -78,6 +83,7 @@ def run_eval_command(args: argparse.Namespace) -> str:
         batch_size=args.batch_size,
         seed=args.seed,
         seq_length=teacher_cfg.data.seq_length,
+        instances_dir=args.instances,
     )
     teacher = evaluate(args.teacher, **common)
     student = evaluate(args.student, **common) if args.student else None

@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from plmscale.data import BatchSource, PackedStream
+from plmscale.data.instances import InstanceBatchSource, InstanceSet, InstanceSetError
+from plmscale.data.masking import ERNIE_LEVELS
 from plmscale.errors import UserError
 from plmscale.eval.baseline import FrequencyBaseline, training_frequencies
 from plmscale.manifest import load_manifest
 from plmscale.model_dir import TOKENIZER, load_local_model, load_run_config
-from plmscale.objectives import get_objective
+from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.tokenizer import file_sha256
 
 
@@ -31,6 +33,60 @@ def check_same_tokenizer(model_dir: Path, shards_dir: str | Path) -> None:
             f"{shards_dir} was tokenized with {manifest['tokenizer']['path']}, "
             f"not with {model_dir / TOKENIZER} (sha256 differs)"
         )
+
+
+def check_instances(model_dir: Path, instances: InstanceSet, objective) -> None:
+    """Held-out instances must share the model's tokenizer and suit its objective."""
+    manifest = instances.manifest
+    if manifest["tokenizer"]["sha256"] != file_sha256(model_dir / TOKENIZER):
+        raise UserError(
+            f"{manifest['directory']} was built with another tokenizer than {model_dir / TOKENIZER}"
+        )
+    if manifest.get("split") == "train":
+        raise UserError(
+            f"{manifest['directory']} holds instances of the train split: build held-out ones with "
+            "`plmscale prep instances --split valid`"
+        )
+    if objective.pair_task and "pair_label" in manifest["fields"]:
+        try:  # nsp pair labels do not score an SOP head, nor the reverse
+            objective.check_instances(manifest, "--instances")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+
+def unit_counts(hit: torch.Tensor, unit_ids: torch.Tensor, unit_levels: torch.Tensor) -> Counter:
+    """Entity and phrase units, and those whose every token was predicted right: `hit` [batch, seq] is
+    True where the prediction is right (or nothing is predicted), `unit_ids` numbers each sequence's units
+    from 1 (0: no unit), `unit_levels` gives each position's unit level (ERNIE_LEVELS)."""
+    counts = Counter()
+    in_unit = unit_ids > 0
+    key = torch.arange(len(unit_ids)).unsqueeze(1) * (unit_ids.shape[1] + 1) + unit_ids  # unique per unit
+    for level in (ERNIE_LEVELS.index("phrase"), ERNIE_LEVELS.index("entity")):
+        at = in_unit & (unit_levels == level)
+        units, wrong = key[at].unique(), key[at & ~hit].unique()
+        counts[ERNIE_LEVELS[level]] += len(units)
+        counts[f"{ERNIE_LEVELS[level]}_correct"] += len(units) - len(wrong)
+    return counts
+
+
+def unit_metrics(counts: Counter) -> dict[str, float]:
+    """`unit_accuracy`: the share of masked entity and phrase units predicted whole (every token right)."""
+    units, correct = counts["phrase"] + counts["entity"], counts["phrase_correct"] + counts["entity_correct"]
+    metrics = {"units": units, "unit_accuracy": correct / max(units, 1)}
+    for level in ("entity", "phrase"):
+        metrics[f"{level}_units"] = counts[level]
+        metrics[f"{level}_unit_accuracy"] = counts[f"{level}_correct"] / max(counts[level], 1)
+    return metrics
+
+
+def position_hits(logits: torch.Tensor, batch: dict[str, torch.Tensor], objective, spec) -> torch.Tensor:
+    """[batch, seq]: True where the argmax is the label, or where there is no label."""
+    hit = torch.ones(batch["labels"].shape, dtype=torch.bool)
+    right = spec.gather_logits(logits).argmax(-1) == objective.targets(batch, logits)
+    if right.dim() == 2:  # the head ran at every position
+        return hit & (right | (batch["labels"] == IGNORE_INDEX))
+    hit[batch["labels"] != IGNORE_INDEX] = right
+    return hit
 
 
 def term_metrics(sums: dict, counts: dict, hits: dict) -> dict[str, float]:
@@ -78,6 +134,7 @@ def evaluate(
     seed: int = 1234,
     seq_length: int | None = None,
     baseline: FrequencyBaseline | None = None,
+    instances_dir: str | Path | None = None,
 ) -> dict:
     """Score the unsharded model on `batches` x `batch_size` held-out sequences.
 
@@ -88,6 +145,11 @@ def evaluate(
     (`baseline`, or counted from the shards' training split). Speeds: see `inference_speed`, of the deployed
     model (ELECTRA: the discriminator).
     `seq_length` defaults to the model's training sequence length.
+
+    With `instances_dir` (held-out instances, `plmscale prep instances --split valid`), the batches are
+    those instances, unshuffled, with their own masks: pair sets add `pair_accuracy` (NSP/SOP) for a model
+    with a pair head, and ERNIE sets `unit_accuracy`, the share of entity and phrase units whose every
+    token is predicted right. At most the set's instances are scored, each once.
     """
     model_dir = Path(model_dir)
     run_cfg = load_run_config(model_dir)
@@ -95,17 +157,34 @@ def evaluate(
     objective = get_objective(run_cfg.objective.name, run_cfg.objective.params, cfg)
     check_same_tokenizer(model_dir, shards_dir)
     seq_length = seq_length or run_cfg.data.seq_length
-    stream = PackedStream.from_manifest(str(shards_dir), split)
-    source = BatchSource(
-        stream, objective, seq_length, batch_size, dp_size=1, dp_rank=0, seed=seed, shuffle=False
-    )
+    order = dict(micro_batch_size=batch_size, dp_size=1, dp_rank=0, seed=seed, shuffle=False)
+    if instances_dir is None:
+        source = BatchSource(
+            PackedStream.from_manifest(str(shards_dir), split), objective, seq_length, **order
+        )
+    else:
+        try:
+            instances = InstanceSet(instances_dir)
+            check_instances(model_dir, instances, objective)
+            source = InstanceBatchSource(instances, seq_length, objective=objective, units=True, **order)
+        except InstanceSetError as exc:
+            raise UserError(str(exc)) from None
+        split = f"instances of {instances.manifest['split']}"
+        batches = min(batches, max(1, len(instances) // batch_size))
     data = source.micro_batches(step=0, accumulation=batches)
     if baseline is None:
         baseline = FrequencyBaseline(
             training_frequencies(str(shards_dir)), specials_are_targets=cfg.kind == "decoder"
         )
 
-    sums, counts, hits, baseline_sum, baseline_correct = Counter(), Counter(), Counter(), 0.0, 0
+    sums, counts, hits, units, baseline_sum, baseline_correct = (
+        Counter(),
+        Counter(),
+        Counter(),
+        Counter(),
+        0.0,
+        0,
+    )
     with torch.inference_mode():
         for batch in data:
             # scored as training's evaluation scores: the objective's own inputs and loss terms
@@ -117,6 +196,10 @@ def evaluate(
             guessed_sum, guessed = baseline.score(objective.targets(batch).flatten())
             baseline_sum += guessed_sum
             baseline_correct += guessed
+            if "unit_ids" in batch:
+                logits = outputs[0] if isinstance(outputs, tuple) else outputs
+                hit = position_hits(logits, batch, objective, model.spec)
+                units += unit_counts(hit, batch["unit_ids"], batch["unit_levels"])
     tokens = sum(batch["input_ids"].numel() for batch in data)
     first_term = next(iter(counts))  # the masked (or next) tokens, which the baseline guesses too
     return {
@@ -130,10 +213,13 @@ def evaluate(
         "batch_size": batch_size,
         "seq_length": seq_length,
         **term_metrics(sums, counts, hits),
+        **(unit_metrics(units) if "unit_ids" in data[0] else {}),
         "tokens": tokens,
         "baseline_loss": baseline_sum / max(counts[first_term], 1),
         "baseline_accuracy": baseline_correct / max(counts[first_term], 1),
         "baseline_tokens": baseline.tokens,
-        **inference_speed(getattr(model, "deployed", model), torch.cat([batch["input_ids"] for batch in data])),
+        **inference_speed(
+            getattr(model, "deployed", model), torch.cat([batch["input_ids"] for batch in data])
+        ),
         "threads": torch.get_num_threads(),
     }

@@ -121,10 +121,16 @@ def term_rows(result: dict) -> list[str]:
     """The objective's other loss terms (SpanBERT's SBO, ELECTRA's RTD); `loss` above is their sum with the
     masked-token term, whose accuracy (ELECTRA: the generator's) is the table's."""
     names = [key.removeprefix("loss/") for key in result if key.startswith("loss/")]
-    return [
+    rows = [
         f"  {'':<8} {name}: loss {result[f'loss/{name}']:.4f}, accuracy {result[f'{name}_accuracy']:.4f}"
         for name in names
     ]
+    if "unit_accuracy" in result:  # ERNIE: entity and phrase units predicted whole
+        rows.append(
+            f"  {'':<8} units: {result['unit_accuracy']:.4f} of {result['units']} (entities "
+            f"{result['entity_unit_accuracy']:.4f}, phrases {result['phrase_unit_accuracy']:.4f})"
+        )
+    return rows
 
 
 def comparison(teacher: dict, student: dict | None) -> list[str]:

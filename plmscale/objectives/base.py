@@ -48,12 +48,12 @@ class Objective:
         """A padded sample built from a pre-built instance, with what else this objective reads of it."""
         return sample
 
-    def check_instances(self, manifest: dict) -> None:
+    def check_instances(self, manifest: dict, key: str = "data.instances") -> None:
         """Raise ValueError, naming the missing fields, if an instance set cannot train this objective."""
         missing = sorted(self.instance_fields - set(manifest["fields"]))
         if missing:
             raise ValueError(
-                f"data.instances={manifest['directory']} holds {manifest['objective']!r} instances without "
+                f"{key}={manifest['directory']} holds {manifest['objective']!r} instances without "
                 f"the field(s) {missing} that objective {self.name!r} trains on"
             )
 

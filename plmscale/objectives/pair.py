@@ -34,16 +34,16 @@ class PairedMaskedLM(MaskedLM):
         if model_cfg.type_vocab_size < 2:
             raise ValueError(f"objective {self.name!r} needs model.type_vocab_size >= 2 for segments A and B")
 
-    def check_instances(self, manifest: dict) -> None:
+    def check_instances(self, manifest: dict, key: str = "data.instances") -> None:
         """`pair_label` means B is random in nsp instances and A, B are swapped in sop ones."""
         if manifest["objective"] != self.pair_task:
             has = "a pair_label of another task" if "pair_label" in manifest["fields"] else "no pair_label"
             raise ValueError(
-                f"data.instances={manifest['directory']} holds {manifest['objective']!r} instances, with {has}; "
+                f"{key}={manifest['directory']} holds {manifest['objective']!r} instances, with {has}; "
                 f"objective {self.name!r} trains on {self.pair_task!r} ones (`plmscale prep instances "
                 f"--objective {self.pair_task}`)"
             )
-        super().check_instances(manifest)
+        super().check_instances(manifest, key)
 
     def target_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         counts = {"mlm": self.target_count(batch)}

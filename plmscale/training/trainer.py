@@ -163,8 +163,9 @@ class Trainer:
     def _batch_source(self, split: str, shuffle: bool) -> SampleOrder:
         t, data = self.cfg.train, self.cfg.data
         order = (t.micro_batch_size, self.topo.dp_size, self.topo.dp_rank, t.seed, shuffle)
-        if data.instances and split == data.train_split:
-            instances = InstanceSet(data.instances, verify=False)  # verified before launch
+        held_out = data.eval_instances if split == data.valid_split else None
+        if held_out or (data.instances and split == data.train_split):
+            instances = InstanceSet(held_out or data.instances, verify=False)  # verified before launch
             return InstanceBatchSource(instances, data.seq_length, *order, objective=self.objective)
         stream = PackedStream.from_manifest(data.shards, split, verify=False)
         return BatchSource(stream, self.objective, data.seq_length, *order)
