@@ -39,14 +39,15 @@ def deployed_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: batch[key] for key in DEPLOYED_INPUTS if key in batch}
 
 
-def term_metrics(sums: dict, counts: dict, hits: dict) -> dict[str, float]:
+def term_metrics(sums: dict, counts: dict, hits: dict, breakdown: tuple = ()) -> dict[str, float]:
     """`loss`: the sum of the terms' means, as trained; `accuracy` and `targets`: the first term's (the
-    masked or next tokens); with several terms, each one's `loss/NAME` and `NAME_accuracy` too."""
-    first, *others = counts
+    masked or next tokens); with several terms, each one's `loss/NAME` and `NAME_accuracy` too, the
+    `breakdown` terms (UniLM's modes) where they have targets, and not added into `loss`."""
+    first, *others = [name for name in counts if name not in breakdown]
     means = {name: sums[name] / max(counts[name], 1) for name in counts}
-    metrics = {"loss": sum(means.values()), "accuracy": hits[first] / max(counts[first], 1)}
-    metrics["targets"] = counts[first]
-    for name in others:
+    metrics = {"loss": sum(means[name] for name in (first, *others))}
+    metrics |= {"accuracy": hits[first] / max(counts[first], 1), "targets": counts[first]}
+    for name in [*others, *(name for name in breakdown if counts[name])]:
         metrics |= {f"loss/{name}": means[name], f"{name}_accuracy": hits[name] / max(counts[name], 1)}
     return metrics
 
@@ -64,7 +65,8 @@ def evaluate(
 
     `loss` is the objective's loss summed over all targets / number of targets (not a mean of batch
     means), summed over its terms (SpanBERT's MLM + SBO, ELECTRA's generator MLM + weighted RTD);
-    `accuracy` is the masked (or next) tokens', with `sbo_accuracy`, `rtd_accuracy` for the other terms.
+    `accuracy` is the masked (or next) tokens', with `sbo_accuracy`, `rtd_accuracy` for the other terms
+    (UniLM: `loss/MODE` and `MODE_accuracy` per attention mode).
     `tokens_per_s` counts input positions of forward-only passes (logits at every position, as in
     deployment; ELECTRA's discriminator) after one warm-up batch.
     `seq_length` defaults to the model's training sequence length.
@@ -106,7 +108,7 @@ def evaluate(
         "batches": batches,
         "batch_size": batch_size,
         "seq_length": seq_length,
-        **term_metrics(sums, counts, hits),
+        **term_metrics(sums, counts, hits, objective.breakdown_terms),
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "threads": torch.get_num_threads(),
