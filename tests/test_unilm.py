@@ -22,8 +22,8 @@ from plmscale.objectives.unilm import MODES, SEQ2SEQ, attention_pattern
 from plmscale.tokenizer import CLS_ID, PAD_ID, SEP_ID
 from plmscale.training.trainer import term_metrics
 
-# Five positions, the last one padding; seq2seq's source is positions 0-1 ([CLS] A [SEP] with A empty would
-# be shorter than any real one, but the rule does not care), its target 2-3. Row i attends column j.
+# Five positions, the last one padding; seq2seq's source is positions 0-1, its target 2-3. Row i attends
+# column j; a padding row attends itself only (no row may be empty).
 EXPECTED = {
     "left_to_right": [
         [1, 0, 0, 0, 0],
@@ -115,7 +115,13 @@ def examples_of_each_mode(objective, seq: int) -> list[dict]:
 
 
 def test_on_the_fly_examples_follow_the_instance_layout():
-    objective = get_objective("unilm", {}, tiny_model_cfg())
+    rounded = {
+        "left_to_right": 0.1666667,
+        "right_to_left": 0.1666667,
+        "bidirectional": 0.3333333,
+        "seq2seq": 0.3333333,
+    }
+    objective = get_objective("unilm", rounded, tiny_model_cfg())  # shares as a recipe writes them
     seq = 32
     for mode, example in enumerate(examples_of_each_mode(objective, seq)):
         ids, labels = example["input_ids"], example["labels"]

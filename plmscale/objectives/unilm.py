@@ -79,7 +79,8 @@ class UniLM(Objective):
             params.model_dump(include={"mask_prob", "replace_mask", "replace_random"})
         )
         self.masker = Masker(masking, model_cfg.vocab_size)
-        self.shares = np.array([getattr(params, mode) for mode in MODES])
+        shares = np.array([getattr(params, mode) for mode in MODES])
+        self.shares = shares / shares.sum()  # numpy's choice wants a sum of 1 to ~1e-8, a recipe gives ~1e-7
 
     def window_length(self, seq_length: int) -> int:
         return seq_length - 3  # room for [CLS] A [SEP] B [SEP]
