@@ -32,7 +32,8 @@ def test_tp2_forward_and_backward_equal_unsharded_reference(tmp_path):
         assert len(distill["terms"]) == 8 and min(abs(v) for v in distill["terms"].values()) > 1e-4
         assert distill["terms_diff"] < 1e-5
         assert distill["grad_scale"] > 1e-3 and distill["grads"] < 1e-5 and distill["projection_grads"] < 1e-5
-    for name, terms in (("mlm_sbo", {"mlm", "sbo"}), ("electra", {"mlm", "rtd"})):
+    unilm = {"mlm", "right_to_left", "seq2seq", "left_to_right"}
+    for name, terms in (("mlm_sbo", {"mlm", "sbo"}), ("electra", {"mlm", "rtd"}), ("unilm", unilm)):
         diffs = report[name]
         assert set(diffs["term_values"]) == terms and min(diffs["term_values"].values()) > 0.1
         assert diffs["terms"] < 1e-5 and diffs["same_samples"]

@@ -10,7 +10,8 @@ where B continues A (cut at a random sentence boundary; the paper's next-sentenc
 15 % of the maskable tokens are masked BERT's way (80 % [MASK], 10 % a random token, 10 % kept); special
 tokens never are, and in seq2seq only the target segment B is maskable, as in the paper.
 
-The training side builds the attention mask from `mode` and `segments` with the rule of
+The training side (`plmscale.objectives.unilm`, which numbers the modes) builds the attention mask from
+`mode` and `segments` with the rule of
 `attention_mask`: row i may attend column j when
 
     left_to_right: j <= i        right_to_left: j >= i        bidirectional: always
@@ -34,9 +35,7 @@ from data_prep.instances.base import (
     register,
     sentence_chunks,
 )
-
-MODES = ("left_to_right", "right_to_left", "bidirectional", "seq2seq")
-LEFT_TO_RIGHT, RIGHT_TO_LEFT, BIDIRECTIONAL, SEQ2SEQ = range(4)
+from plmscale.objectives.unilm import BIDIRECTIONAL, LEFT_TO_RIGHT, MODES, RIGHT_TO_LEFT, SEQ2SEQ
 
 
 def attention_mask(mode: int, segments: np.ndarray) -> np.ndarray:

@@ -89,14 +89,15 @@ def position_hits(logits: torch.Tensor, batch: dict[str, torch.Tensor], objectiv
     return hit
 
 
-def term_metrics(sums: dict, counts: dict, hits: dict) -> dict[str, float]:
+def term_metrics(sums: dict, counts: dict, hits: dict, breakdown: tuple = ()) -> dict[str, float]:
     """`loss`: the sum of the terms' means, as trained; `accuracy` and `targets`: the first term's (the
-    masked or next tokens); with several terms, each one's `loss/NAME` and `NAME_accuracy` too."""
-    first, *others = counts
+    masked or next tokens); with several terms, each one's `loss/NAME` and `NAME_accuracy` too, the
+    `breakdown` terms (UniLM's modes) where they have targets, and not added into `loss`."""
+    first, *others = [name for name in counts if name not in breakdown]
     means = {name: sums[name] / max(counts[name], 1) for name in counts}
-    metrics = {"loss": sum(means.values()), "accuracy": hits[first] / max(counts[first], 1)}
-    metrics["targets"] = counts[first]
-    for name in others:
+    metrics = {"loss": sum(means[name] for name in (first, *others))}
+    metrics |= {"accuracy": hits[first] / max(counts[first], 1), "targets": counts[first]}
+    for name in [*others, *(name for name in breakdown if counts[name])]:
         metrics |= {f"loss/{name}": means[name], f"{name}_accuracy": hits[name] / max(counts[name], 1)}
     return metrics
 
@@ -140,7 +141,8 @@ def evaluate(
 
     `loss` is the objective's loss summed over all targets / number of targets (not a mean of batch
     means), summed over its terms (SpanBERT's MLM + SBO, ELECTRA's generator MLM + weighted RTD);
-    `accuracy` is the masked (or next) tokens', with `sbo_accuracy`, `rtd_accuracy` for the other terms.
+    `accuracy` is the masked (or next) tokens', with `sbo_accuracy`, `rtd_accuracy` for the other terms
+    (UniLM: `loss/MODE` and `MODE_accuracy` per attention mode).
     `baseline_loss` and `baseline_accuracy` are the unigram-frequency baseline's on the same targets
     (`baseline`, or counted from the shards' training split). Speeds: see `inference_speed`, of the deployed
     model (ELECTRA: the discriminator).
@@ -212,7 +214,7 @@ def evaluate(
         "batches": batches,
         "batch_size": batch_size,
         "seq_length": seq_length,
-        **term_metrics(sums, counts, hits),
+        **term_metrics(sums, counts, hits, objective.breakdown_terms),
         **(unit_metrics(units) if "unit_ids" in data[0] else {}),
         "tokens": tokens,
         "baseline_loss": baseline_sum / max(counts[first_term], 1),

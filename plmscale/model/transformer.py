@@ -133,6 +133,30 @@ class ModelPart:
         return cls(0, cfg.num_layers, embeddings=True, head=True)
 
 
+def patterned_attention(pattern: torch.Tensor, keep: torch.Tensor | None, seq: int) -> torch.Tensor:
+    """[b, 1, s, s] boolean mask (True = attend) from per-sample attention patterns, built where they are:
+    each sample's [s, s] mask is the one tensor of that size materialized, the rest broadcasts.
+
+    `pattern` [b, 2] holds (direction, prefix) per sample. Row i attends column j when j < prefix (a prefix
+    every row sees), or by direction: 1 when j <= i (left to right), -1 when j >= i (right to left), 0
+    always (bidirectional). A prefix LM (UniLM's seq2seq) is direction 1 with prefix = the source's length.
+    `keep` [b, s] marks real positions; padding neither attends nor is attended, but attends itself (an
+    empty row would make attention's softmax NaN).
+    """
+    position = torch.arange(seq, device=pattern.device)
+    earlier = position[None, :] <= position[:, None]  # [s, s]: j <= i
+    direction, prefix = pattern[:, 0, None, None], pattern[:, 1, None, None]
+    mask = torch.where(direction > 0, earlier, earlier.T)  # [b, s, s]
+    mask |= direction == 0
+    mask |= position < prefix  # [b, 1, s]
+    if keep is not None:
+        keep = keep.bool()
+        mask &= keep[:, None, :]
+        mask &= keep[:, :, None]
+        mask.diagonal(dim1=1, dim2=2).fill_(True)
+    return mask[:, None]
+
+
 @contextmanager
 def _seeded(base: int, piece: int):
     """Each piece of the network is initialized from its own seed, (run seed, piece), so a model built in
@@ -150,6 +174,7 @@ class TransformerLM(nn.Module):
     `target_mask`, the head runs only where it is True and returns [targets, vocab]: MLM predicts ~15 % of
     positions, and the vocabulary projection is the costliest matmul of a small model. With `classify_pair`
     (a model with `pair_head`), returns (those logits, [batch, 2] pair logits from the first position);
+    `attention_pattern` gives each sample its own attention mask (UniLM's modes, `patterned_attention`);
     with `span_boundaries` (a model with `span_boundary_head`), the span-boundary logits come last.
 
     Built as a `part`, it holds only that slice; `embed`, `encode` and `output` run the slices in turn (a
@@ -217,10 +242,20 @@ class TransformerLM(nn.Module):
         return self.embedding_projection(x) if self.embedding_projection is not None else x
 
     def encode(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, capture: Capture | None = None
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        capture: Capture | None = None,
+        attention_pattern: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """This part's transformer layers; `attention_mask` is the [batch, seq] padding mask."""
-        mask = self.attention_bias(attention_mask, x.shape[1]) if attention_mask is not None else None
+        """This part's transformer layers; `attention_mask` is the [batch, seq] padding mask,
+        `attention_pattern` [batch, 2] each sample's own (direction, prefix) (see `patterned_attention`)."""
+        if attention_pattern is not None:
+            mask = patterned_attention(attention_pattern, attention_mask, x.shape[1])
+        elif attention_mask is not None:
+            mask = self.attention_bias(attention_mask, x.shape[1])
+        else:
+            mask = None
         if capture is not None:
             capture.attend = mask
             if mask is None and self.causal:
@@ -285,6 +320,7 @@ class TransformerLM(nn.Module):
         classify_pair: bool = False,
         span_boundaries: torch.Tensor | None = None,
         capture: Capture | None = None,
+        attention_pattern: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        x = self.encode(self.embed(input_ids, token_type_ids), attention_mask, capture)
+        x = self.encode(self.embed(input_ids, token_type_ids), attention_mask, capture, attention_pattern)
         return self.output(x, target_mask, classify_pair, span_boundaries)

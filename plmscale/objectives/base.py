@@ -32,6 +32,11 @@ class Objective:
     instance_fields: ClassVar[frozenset[str]] = frozenset()
     # The sentence-pair task (`nsp`, `sop`) trained beside the token loss, if any.
     pair_task: ClassVar[str | None] = None
+    # Terms that `loss_terms` adds when evaluating, each a slice of the first term's targets (UniLM: those
+    # of each attention mode): reported per slice, never optimized nor added into the loss.
+    breakdown_terms: ClassVar[tuple[str, ...]] = ()
+    # Why its model inputs cannot cross pipeline stages (plmscale.parallel.pipeline), if they cannot.
+    without_pipeline: ClassVar[str | None] = None
 
     def __init__(self, params: BaseModel, model_cfg):
         self.params, self.model_cfg = params, model_cfg

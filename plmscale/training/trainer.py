@@ -53,18 +53,23 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def term_metrics(sums: dict[str, float], counts: dict[str, float], correct: dict[str, float]) -> dict:
+def term_metrics(
+    sums: dict[str, float], counts: dict[str, float], correct: dict[str, float], breakdown: tuple = ()
+) -> dict:
     """Global per-term totals -> metrics: `loss`, the sum of the terms' means (what is optimized), and the
     first term's `targets` and `accuracy`, as for one term; with several terms, each term's `loss/NAME` and
-    `targets/NAME` too, and `NAME_accuracy` for another term whose hits were counted."""
-    first, *others = counts
-    means = {name: sums[name] / max(counts[name], 1) for name in counts}
-    metrics = {"loss": sum(means.values()), "targets": counts[first]}
-    if others:
+    `targets/NAME` too, and `NAME_accuracy` for another term whose hits were counted. The `breakdown`
+    terms (`Objective.breakdown_terms`) are reported so where they have targets, not added into `loss`."""
+    first, *others = [name for name in counts if name not in breakdown]
+    shown = [name for name in counts if name not in breakdown or counts[name]]
+    means = {name: sums[name] / max(counts[name], 1) for name in shown}
+    metrics = {"loss": sum(means[name] for name in (first, *others)), "targets": counts[first]}
+    if len(shown) > 1:
         metrics |= {f"loss/{name}": mean for name, mean in means.items()}
-        metrics |= {f"targets/{name}": counts[name] for name in others}
+        metrics |= {f"targets/{name}": counts[name] for name in shown if name != first}
     for name, hits in correct.items():
-        metrics["accuracy" if name == first else f"{name}_accuracy"] = hits / max(counts[name], 1)
+        if name in means:
+            metrics["accuracy" if name == first else f"{name}_accuracy"] = hits / max(counts[name], 1)
     return metrics
 
 
@@ -268,8 +273,9 @@ class Trainer:
         self.totals.start({}, count_correct=True)
         self._run(batches, 0, train=False)
         self.engine.train()
-        names = list(self.objective.target_counts(batches[0]))
-        return term_metrics(*self.totals.reduced(names, self.reports_loss))
+        breakdown = self.objective.breakdown_terms
+        names = list(self.objective.target_counts(batches[0])) + list(breakdown)
+        return term_metrics(*self.totals.reduced(names, self.reports_loss), breakdown)
 
     def run(self) -> Path | None:
         cfg, topo = self.cfg, self.topo

@@ -1,5 +1,5 @@
 """Run on 2 processes: a TP=2 model's forward and backward against the unsharded reference (the trunk, and
-the models of SpanBERT and ELECTRA with their loss terms), and every distillation loss from a TP=2 teacher
+the models of SpanBERT, ELECTRA and UniLM with their loss terms), and every distillation loss from a TP=2 teacher
 into a narrower TP=2 student against the same at TP=1.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist/tp_equivalence.py OUT.json
@@ -16,6 +16,7 @@ from plmscale.distill import Distillation
 from plmscale.model import TransformerLM, build_model
 from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.objectives.span_boundary import span_boundaries
+from plmscale.objectives.unilm import LEFT_TO_RIGHT, RIGHT_TO_LEFT, SEQ2SEQ, attention_pattern
 from plmscale.parallel.distributed import init_distributed
 from plmscale.parallel.state_dict import full_state_dict, load_full_state_dict
 from plmscale.parallel.tensor_parallel import build_parallel_model
@@ -81,11 +82,16 @@ def compare(name: str) -> dict:
     }
 
 
-# objectives whose model has more than the trunk's head: SpanBERT's boundary head, ELECTRA's generator
+# objectives whose model has more than the trunk's head (SpanBERT's boundary head, ELECTRA's generator) or
+# more than a padding mask (UniLM's per-sample attention patterns)
 HEADS = {
     "mlm_sbo": {"span_boundary_head": True},
     "electra": {"layernorm_position": "post", "embedding_layernorm": True, "generator_hidden_fraction": 0.5},
+    "unilm": {"type_vocab_size": 2},
 }
+# UniLM's modes of the three samples (the second padded): right to left, seq2seq from a 5-token source, left
+# to right; the other objectives ignore these fields
+MODES = [(RIGHT_TO_LEFT, 0), (SEQ2SEQ, 5), (LEFT_TO_RIGHT, 0)]
 
 
 def compare_objective(name: str) -> dict:
@@ -108,11 +114,16 @@ def compare_objective(name: str) -> dict:
     attention_mask[1, 11:] = 0
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     batch |= {"span_boundaries": boundaries, "sample_seed": torch.full((3,), 123)}
+    batch |= {
+        "attention_pattern": torch.from_numpy(np.stack([attention_pattern(*mode) for mode in MODES])),
+        "mode": torch.tensor([mode for mode, _ in MODES]),
+    }
 
     results = {}
     for which, model in (("tp", sharded), ("ref", reference)):
         outputs = model(**objective.model_inputs(batch))
         terms = objective.loss_terms(outputs, batch, model.spec, count_correct=True)
+        terms = {term_name: term for term_name, term in terms.items() if term.count}  # UniLM: 3 of 4 modes
         sum(term.sum / term.count for term in terms.values()).backward()
         results[which] = {
             "terms": {term_name: term.sum.item() / term.count for term_name, term in terms.items()},
@@ -126,6 +137,7 @@ def compare_objective(name: str) -> dict:
         "grads": max_diff(full_state_dict(sharded, grads=True), grads_ref),
         "grad_scale": max(g.abs().max().item() for g in grads_ref.values()),
         "same_samples": bool(torch.equal(tp["samples"], ref["samples"])),
+    }
 
 
 DISTILL_LOSSES = [
