@@ -13,16 +13,16 @@ cd "$(dirname "$0")/.."
 
 out="${DEMO_DIR:-runs/demo}"
 data="$out/data"
-teacher_steps="${DEMO_TEACHER_STEPS:-1200}"
+teacher_steps="${DEMO_TEACHER_STEPS:-1400}"
 student_steps="${DEMO_STUDENT_STEPS:-300}"
 start=$(date +%s)
-# a shortened run warms up over at most all its steps (the recipes warm up over 100 and 20)
-teacher_warmup=$(( teacher_steps < 100 ? teacher_steps : 100 ))
+# a shortened run warms up over at most all its steps (the recipes warm up over 50 and 20)
+teacher_warmup=$(( teacher_steps < 50 ? teacher_steps : 50 ))
 student_warmup=$(( student_steps < 20 ? student_steps : 20 ))
 
 plmscale prep corpus --out "$data/corpus.jsonl"
-# 2,000 pieces: a small vocabulary is learned in fewer steps (and is the recipes' model.vocab_size)
-plmscale prep tokenizer --input "$data/corpus.jsonl" --vocab-size 2000 --out "$data/tokenizer"
+# 500 pieces: a small vocabulary is learned in fewer steps (and is the recipes' model.vocab_size)
+plmscale prep tokenizer --input "$data/corpus.jsonl" --vocab-size 500 --out "$data/tokenizer"
 plmscale prep shards --input "$data/corpus.jsonl" --tokenizer "$data/tokenizer/tokenizer.model" \
   --workers 2 --valid-fraction 0.05 --out "$data/shards"
 
@@ -34,11 +34,13 @@ launch/train.sh launch/recipes/bert_tiny_distill.yaml --distill \
   train.train_steps="$student_steps" optimizer.warmup_steps="$student_warmup"
 
 plmscale export --model "$out/student/model" --format hf --output "$out/student_hf"
+# 32 batches of 8 windows of 32 tokens: the held-out text of 8 windows of 128, ~3,300 masked targets
 plmscale eval --teacher "$out/teacher/model" --student "$out/student/model" --shards "$data/shards" \
-  --runs teacher="$out/teacher" student="$out/student" --export "$out/student_hf" --plot "$out/loss_curves.png" \
-  --fill-mask "Return True if the operand is a signaling NaN; otherwise return [MASK]." \
-    "If not provided, the current working [MASK] is used." \
-    "If no fields exist with the given name, returns an empty [MASK]."  # documents of the held-out split
+  --batches 32 --runs teacher="$out/teacher" student="$out/student" --export "$out/student_hf" \
+  --plot "$out/loss_curves.png" \
+  --fill-mask "Like read() but the argument must be a [MASK]-like object." \
+    'The `f` argument must be iterable, returning one [MASK] at a time.' \
+    "If no fields exist with the given name, returns an empty [MASK]."  # held-out; each answer one piece
 
 # Fine-tune teacher and student on a task made from the corpus (which stdlib package a docstring paragraph is
 # from) and print their dev scores side by side: the local stand-in for DistilBERT's GLUE comparison.

@@ -13,7 +13,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.distributed
 
-# enough teacher steps to be leaving the unigram-frequency plateau (a third of the demo's)
+# enough teacher steps to be leaving the unigram-frequency plateau (about 2/7 of the demo's)
 DEMO_STEPS = {"DEMO_TEACHER_STEPS": "400", "DEMO_STUDENT_STEPS": "20", "DEMO_FINETUNE_EPOCHS": "1"}
 # Run elsewhere, or not runnable on one CI machine: the README command (its start) and why.
 NOT_RUN = {
