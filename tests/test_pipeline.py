@@ -119,9 +119,8 @@ LAYOUTS = {  # processes, parallel section, extra train keys
     "pp2": (2, {"pipeline_parallel": 2}, {"activation_checkpointing": 1}),
     "3d": (8, {"pipeline_parallel": 2, "tensor_parallel": 2}, {}),
 }
-MODELS = {
+MODELS = {  # a decoder, and an encoder with MLM and the pair head (plain BERT is the subset of it)
     "gpt": {"kind": "decoder"},
-    "bert": {},
     "bert_nsp": {"model": PAIR_MODEL, "objective": {"name": "mlm_nsp"}},
 }
 
