@@ -19,24 +19,7 @@ from pathlib import Path
 
 from data_prep import UserError
 from data_prep.inputs import check_inputs
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
-    return value
-
-
-def _positive(kind: type):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text} is not > 0")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error message
-    return parse
+from plmscale.arguments import fraction, positive
 
 
 class _HelpWithParams(argparse.Action):
@@ -241,27 +224,27 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
 
     corpus = commands.add_parser("corpus", help="write the embedded corpus (stdlib docstrings) as JSONL")
     corpus.add_argument("--out", type=Path, default=Path("data/corpus.jsonl"))
-    corpus.add_argument("--max-mb", type=_positive(float), default=64.0, help="size cap of the output")
-    corpus.add_argument("--min-chars", type=_positive(int), default=200, help="shortest docstring kept")
+    corpus.add_argument("--max-mb", type=positive(float), default=64.0, help="size cap of the output")
+    corpus.add_argument("--min-chars", type=positive(int), default=200, help="shortest docstring kept")
     corpus.set_defaults(func=run_corpus)
 
     tokenizer = commands.add_parser("tokenizer", help="train the SentencePiece tokenizer")
     _add_input_args(tokenizer)
     tokenizer.add_argument("--out", type=Path, default=Path("data/tokenizer"), help="output directory")
     tokenizer.add_argument(
-        "--vocab-size", type=_positive(int), default=8000, help="at most ~10k for the embedded corpus"
+        "--vocab-size", type=positive(int), default=8000, help="at most ~10k for the embedded corpus"
     )
     tokenizer.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
     tokenizer.add_argument(
         "--input-sentence-size",
-        type=_positive(int),
+        type=positive(int),
         default=2_000_000,
         help="sentences sampled for training (bounds memory)",
     )
     tokenizer.add_argument("--character-coverage", type=float, default=0.9995)
     tokenizer.add_argument(
         "--threads",
-        type=_positive(int),
+        type=positive(int),
         default=1,
         help="training threads; the model is reproducible for a given count",
     )
@@ -277,11 +260,11 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
         help="the SentencePiece model, or the directory `prep tokenizer` wrote it to",
     )
     shards.add_argument("--out", type=Path, default=Path("data/shards"), help="output directory")
-    shards.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1)
-    shards.add_argument("--valid-fraction", type=_fraction, default=0.01, help="held-out share of documents")
-    shards.add_argument("--shard-tokens", type=_positive(int), default=50_000_000, help="tokens per shard")
+    shards.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1)
+    shards.add_argument("--valid-fraction", type=fraction, default=0.01, help="held-out share of documents")
+    shards.add_argument("--shard-tokens", type=positive(int), default=50_000_000, help="tokens per shard")
     shards.add_argument(
-        "--chunk-documents", type=_positive(int), default=256, help="documents per worker task"
+        "--chunk-documents", type=positive(int), default=256, help="documents per worker task"
     )
     shards.add_argument("--no-progress", action="store_true", help="no progress bar")
     shards.set_defaults(func=run_shards)
@@ -298,8 +281,8 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
     instances.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="an instance-type parameter"
     )
-    instances.add_argument("--dupe-factor", type=_positive(int), default=1, help="maskings of each document")
-    instances.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1)
+    instances.add_argument("--dupe-factor", type=positive(int), default=1, help="maskings of each document")
+    instances.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1)
     instances.add_argument("--seed", type=int, default=1234)
     instances.add_argument(
         "--entities",
@@ -307,7 +290,7 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
         help="the entity list, one entity a line: required by objective ernie (and --param masking=ernie)",
     )
     instances.add_argument("--split", default="train", help="the shards' split to instance")
-    instances.add_argument("--docs-per-task", type=_positive(int), default=2000, help="documents per task")
+    instances.add_argument("--docs-per-task", type=positive(int), default=2000, help="documents per task")
     instances.add_argument("--out", "--output", type=Path, required=True, help="output directory")
     instances.add_argument("--no-progress", action="store_true", help="no progress bar")
     instances.set_defaults(func=run_instances)
@@ -317,16 +300,14 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
     )
     task.add_argument("--corpus", type=Path, default=Path("data/corpus.jsonl"), help="`prep corpus` output")
     task.add_argument("--out", type=Path, default=Path("data/task_package"), help="output directory")
-    task.add_argument(
-        "--packages", type=_positive(int), default=8, help="classes: the most frequent packages"
-    )
-    task.add_argument("--dev-fraction", type=_fraction, default=0.2, help="share of docstrings held out")
-    task.add_argument("--min-chars", type=_positive(int), default=40, help="shortest paragraph kept")
+    task.add_argument("--packages", type=positive(int), default=8, help="classes: the most frequent packages")
+    task.add_argument("--dev-fraction", type=fraction, default=0.2, help="share of docstrings held out")
+    task.add_argument("--min-chars", type=positive(int), default=40, help="shortest paragraph kept")
     task.set_defaults(func=run_task)
 
     stats = commands.add_parser("stats", help="statistics of an instance set")
     stats.add_argument("directory", type=Path, help="`prep instances` output")
-    stats.add_argument("--max-instances", type=_positive(int), default=200_000, help="read at most this many")
+    stats.add_argument("--max-instances", type=positive(int), default=200_000, help="read at most this many")
     stats.set_defaults(func=run_stats)
     return prep
 

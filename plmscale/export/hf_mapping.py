@@ -141,18 +141,23 @@ def bert_rules(cfg: ModelConfig) -> list[Rule]:
             (ours + "mlp.fc_in", theirs + "intermediate.dense"),
             (ours + "mlp.fc_out", theirs + "output.dense"),
         ]
-        qkv = tuple(theirs + f"attention.self.{name}" for name in ("query", "key", "value"))
-        for kind in ("weight", "bias"):
-            rules.append(
-                Rule(
-                    ours + f"attn.qkv.{kind}",
-                    tuple(f"{name}.{kind}" for name in qkv),
-                    lambda t: tuple(split_qkv(t, cfg)),
-                    lambda q, k, v: merge_qkv(q, k, v, cfg),
-                )
-            )
+        rules += qkv_rules(ours, theirs + "attention.self.", cfg)
     rules += [renamed(f"{o}.{kind}", f"{t}.{kind}") for o, t in parts for kind in ("weight", "bias")]
     return rules
+
+
+def qkv_rules(ours: str, theirs: str, cfg: ModelConfig) -> list[Rule]:
+    """plmscale's fused, head-interleaved QKV projection against separate query, key and value layers."""
+    qkv = tuple(theirs + name for name in ("query", "key", "value"))
+    return [
+        Rule(
+            ours + f"attn.qkv.{kind}",
+            tuple(f"{name}.{kind}" for name in qkv),
+            lambda t: tuple(split_qkv(t, cfg)),
+            lambda q, k, v: merge_qkv(q, k, v, cfg),
+        )
+        for kind in ("weight", "bias")
+    ]
 
 
 def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
@@ -242,16 +247,7 @@ def albert_rules(cfg: ModelConfig) -> list[Rule]:
             (ours + "mlp.fc_in", theirs + "ffn"),
             (ours + "mlp.fc_out", theirs + "ffn_output"),
         ]
-        qkv = tuple(theirs + f"attention.{name}" for name in ("query", "key", "value"))
-        for kind in ("weight", "bias"):
-            rules.append(
-                Rule(
-                    ours + f"attn.qkv.{kind}",
-                    tuple(f"{name}.{kind}" for name in qkv),
-                    lambda t: tuple(split_qkv(t, cfg)),
-                    lambda q, k, v: merge_qkv(q, k, v, cfg),
-                )
-            )
+        rules += qkv_rules(ours, theirs + "attention.", cfg)
     rules += [renamed(f"{o}.{kind}", f"{t}.{kind}") for o, t in parts for kind in ("weight", "bias")]
     return rules
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from plmscale.arguments import fraction, positive
 from plmscale.errors import UserError
 from plmscale.finetune.settings import Settings
 
@@ -22,24 +23,6 @@ from plmscale.finetune.settings import Settings
 def _model_arg(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     return (name, path) if sep and name and path else (text, text)
-
-
-def _positive(kind: type):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text} is not > 0")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
-    return value
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
@@ -77,26 +60,26 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
         help="reject bad rows (counted by reason) instead of stopping at the first",
     )
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=_positive(int), default=defaults.epochs)
-    train.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size)
+    train.add_argument("--epochs", type=positive(int), default=defaults.epochs)
+    train.add_argument("--batch-size", type=positive(int), default=defaults.batch_size)
     train.add_argument(
-        "--lr", type=_positive(float), default=defaults.lr, help=f"peak learning rate (default {defaults.lr})"
+        "--lr", type=positive(float), default=defaults.lr, help=f"peak learning rate (default {defaults.lr})"
     )
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     train.add_argument(
-        "--warmup-fraction", type=_fraction, default=defaults.warmup_fraction, help="share of the steps"
+        "--warmup-fraction", type=fraction, default=defaults.warmup_fraction, help="share of the steps"
     )
     train.add_argument(
         "--max-seq-length",
-        type=_positive(int),
+        type=positive(int),
         default=defaults.max_seq_length,
         help="tokens per example, [CLS] and [SEP]s included",
     )
     train.add_argument(
-        "--dropout", type=_fraction, default=defaults.dropout, help="of the classification head"
+        "--dropout", type=fraction, default=defaults.dropout, help="of the classification head"
     )
     train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's choice)")
     parser.set_defaults(func=run_finetune_command)
     return parser
 

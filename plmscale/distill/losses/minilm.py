@@ -34,6 +34,16 @@ def teacher_layer(layer: int | None, teacher: ModelConfig, key: str) -> int:
     return layer
 
 
+def _last_layer_against(loss: DistillLoss, student: ModelConfig, teacher: ModelConfig, key: str) -> None:
+    """MiniLM's pairing: the student's last layer against `teacher_layer`, the only layers captured."""
+    loss.layers = (
+        student.num_layers - 1,
+        teacher_layer(loss.params.teacher_layer, teacher, f"{key}.teacher_layer"),
+    )
+    loss.student_capture = Capture(attention_layers={loss.layers[0]})
+    loss.teacher_capture = Capture(attention_layers={loss.layers[1]})
+
+
 class MiniLM(DistillLoss):
     """Attention-distribution KL + value-relation KL; the student has as many heads as the teacher."""
 
@@ -46,12 +56,7 @@ class MiniLM(DistillLoss):
         super().__init__(params, student, teacher, key)
         same_heads(student, teacher, key)
         self.heads = student.num_heads
-        self.layers = (
-            student.num_layers - 1,
-            teacher_layer(params.teacher_layer, teacher, f"{key}.teacher_layer"),
-        )
-        self.student_capture = Capture(attention_layers={self.layers[0]})
-        self.teacher_capture = Capture(attention_layers={self.layers[1]})
+        _last_layer_against(self, student, teacher, key)
 
     def forward(self, views: Views) -> torch.Tensor:
         s, t = self.layers
@@ -85,12 +90,7 @@ class MiniLMv2(DistillLoss):
                 raise ValueError(
                     f"{key}.relation_heads={params.relation_heads} must divide {who}={cfg.hidden_size}"
                 )
-        self.layers = (
-            student.num_layers - 1,
-            teacher_layer(params.teacher_layer, teacher, f"{key}.teacher_layer"),
-        )
-        self.student_capture = Capture(attention_layers={self.layers[0]})
-        self.teacher_capture = Capture(attention_layers={self.layers[1]})
+        _last_layer_against(self, student, teacher, key)
 
     def forward(self, views: Views) -> torch.Tensor:
         s, t = self.layers
