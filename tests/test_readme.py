@@ -27,6 +27,7 @@ NOT_RUN = {
     "plmscale export --model runs/demo/roberta/": "exports the RoBERTa run above",
     "plmscale export --model runs/demo/albert/": "exports the ALBERT run above",
     "plmscale export --model runs/demo/electra/": "exports the ELECTRA run above",
+    "plmscale eval --teacher runs/demo/bert_nsp/": "scores the NSP run (tests/test_heldout_units_pairs.py does)",
     "deepspeed ": "a second launch (tests/test_reshard.py converts checkpoints)",
 }
 RECIPE = "launch/recipes/gpt_tiny.yaml"  # the README's RECIPE placeholder
@@ -82,7 +83,8 @@ def test_readme_commands_not_run_are_the_expected_ones():
     assert starts == ["make test", "HOSTFILE=", "HOSTFILE=", "plmscale export --model runs/demo/roberta/",
                       "plmscale export --model runs/demo/albert/", "plmscale export --model runs/demo/electra/",
                       "deepspeed ", "scontrol ", "srun ", "python benchmarks/", "python benchmarks/",
-                      "bash benchmarks/", "bash benchmarks/"], skipped  # fmt: skip
+                      "bash benchmarks/", "bash benchmarks/", "plmscale eval --teacher runs/demo/bert_nsp/"
+                      ], skipped  # fmt: skip
 
 
 def test_readme_commands_run_in_order_after_make_demo(tmp_path):
