@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, free_port, launch, read_metrics, tiny_recipe, write_recipe
+from conftest import BIN, REPO, free_port, read_metrics, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.distributed
 SSHD = Path("/usr/sbin/sshd")
 
 
-def test_hostfile_launch_trains_across_two_nodes(shards, tmp_path):
+@pytest.fixture(scope="module")
+def per_node_run(shards, tmp_path_factory):
+    """(output directory, each node's log) of a 2-node run started once per node without ssh."""
+    tmp_path = tmp_path_factory.mktemp("per_node")
     hostfile = tmp_path / "hosts"
     hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
     output = tmp_path / "run"
@@ -37,6 +40,11 @@ def test_hostfile_launch_trains_across_two_nodes(shards, tmp_path):
     ]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    return output, logs
+
+
+def test_hostfile_launch_trains_across_two_nodes(per_node_run):
+    output, logs = per_node_run
     for log in logs:
         assert "dist_world_size=2" in log
     metrics = read_metrics(output)
@@ -97,13 +105,10 @@ def sshd(tmp_path_factory):
         server.wait(timeout=30)
 
 
-def test_pdsh_launch_over_ssh_equals_single_node(shards, tmp_path, sshd):
-    """One command starts both nodes through pdsh and ssh; the losses are the single-node run's."""
+def test_pdsh_launch_over_ssh_equals_the_per_node_launch(shards, tmp_path, sshd, per_node_run):
+    """One command starts both nodes through pdsh and ssh; the losses are those of the same two ranks
+    started once per node."""
     recipe = tiny_recipe(shards, tmp_path / "single", train={"train_steps": 3})
-    started = time.perf_counter()
-    launch(write_recipe(tmp_path / "single.yaml", recipe), nprocs=2)
-    single_seconds = time.perf_counter() - started
-
     hostfile = tmp_path / "hosts"
     hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
     env_file = tmp_path / "deepspeed_env"  # what .deepspeed_env would hold: sent to every node
@@ -126,11 +131,11 @@ def test_pdsh_launch_over_ssh_equals_single_node(shards, tmp_path, sshd):
     assert "cmd = pdsh" in log and "export OMP_NUM_THREADS=1; export DS_ACCELERATOR=cpu;" in log
     for node in ("127.0.0.1", "127.0.0.2"):  # pdsh prefixes each line of a node with its host
         assert any(line.startswith(f"{node}: ") and "dist_world_size=2" in line for line in log.splitlines())
-    single, nodes = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "nodes")
-    assert sorted(nodes) == sorted(single) == [1, 2, 3]
-    for step in single:
-        assert nodes[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-6), step
+    per_node, nodes = read_metrics(per_node_run[0]), read_metrics(tmp_path / "nodes")
+    assert sorted(nodes) == sorted(per_node) == [1, 2, 3]
+    for step in per_node:
+        assert nodes[step]["loss"] == pytest.approx(per_node[step]["loss"], rel=1e-6), step
     print(
-        f"losses {[single[s]['loss'] for s in sorted(single)]} (single node, {single_seconds:.1f} s) vs "
+        f"losses {[per_node[s]['loss'] for s in sorted(per_node)]} (started per node) vs "
         f"{[nodes[s]['loss'] for s in sorted(nodes)]} (2 nodes over pdsh/ssh, {nodes_seconds:.1f} s)"
     )
