@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,3 +108,24 @@ def launch(recipe: Path, nprocs: int = 2, command: str = "train", timeout: int =
 def read_metrics(output_dir: Path, kind: str = "train") -> dict[int, dict]:
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     return {row["step"]: row for row in map(json.loads, lines) if row["kind"] == kind}
+
+
+def train_single_process(
+    model, objective, source, steps, lr: float = 3e-3, first_step: int = 0
+) -> list[dict]:
+    """A few AdamW steps of `model` on `source`'s micro-batches as the trainer weighs them (each term's
+    mean, the breakdown terms left out); per step, each term's (mean loss, targets, argmax hits)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    history = []
+    for step in range(first_step, first_step + steps):
+        batch = source.micro_batches(step, 1)[0]
+        outputs = model(**objective.model_inputs(batch))
+        terms = objective.loss_terms(outputs, batch, model.spec, count_correct=True)
+        trained = [term for name, term in terms.items() if name not in objective.breakdown_terms]
+        optimizer.zero_grad()
+        sum(term.sum / term.count for term in trained).backward()
+        optimizer.step()
+        history.append(
+            {name: (term.sum.item() / term.count, term.count, term.correct) for name, term in terms.items()}
+        )
+    return history

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_recipe, write_recipe
+from conftest import REPO, tiny_recipe, train_single_process, write_recipe
 from test_export_hf import run_config
 
 from plmscale.config import ConfigError, ModelConfig, RunConfig, load_config
@@ -105,16 +105,8 @@ def test_loss_falls_on_the_embedded_corpus(shards):
     objective, source = _batches(shards)
     torch.manual_seed(0)
     model = Electra(CFG)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for step in range(12):
-        batch = source.micro_batches(step, 1)[0]
-        terms = objective.loss_terms(model(**objective.model_inputs(batch)), batch, model.spec, True)
-        loss = sum(term.sum / term.count for term in terms.values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append([terms[name].sum.item() / terms[name].count for name in ("mlm", "rtd")])
+    history = train_single_process(model, objective, source, steps=12)
+    losses = [[terms[name][0] for name in ("mlm", "rtd")] for terms in history]
     first, last = np.mean(losses[:3], axis=0), np.mean(losses[-3:], axis=0)
     assert (last < first).all() and last[0] < first[0] - 0.5, losses
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TEST_VOCAB, ZH_WORDS, tiny_recipe, write_recipe
+from conftest import REPO, TEST_VOCAB, ZH_WORDS, tiny_recipe, train_single_process, write_recipe
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from data_prep import UserError
@@ -272,15 +272,7 @@ def test_mlm_trains_on_instances(shards, tmp_path):
     assert (batch["token_type_ids"] == 1).any()  # segment B
     torch.manual_seed(0)
     model, objective = TransformerLM(cfg), get_objective("mlm", {}, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for step in range(12):
-        batch = source.micro_batches(step, 1)[0]
-        loss_sum, count = objective.loss(model(**objective.model_inputs(batch)), batch, model.spec)
-        optimizer.zero_grad()
-        (loss_sum / count).backward()
-        optimizer.step()
-        losses.append(loss_sum.item() / count)
+    losses = [terms["mlm"][0] for terms in train_single_process(model, objective, source, steps=12)]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
 
 

@@ -19,9 +19,8 @@ from plmscale.config import ConfigError, ModelConfig, load_config
 from plmscale.eval.evaluate import evaluate
 from plmscale.export.hf import export_hf
 from plmscale.model import TransformerLM
-from plmscale.objectives import IGNORE_INDEX, available, get_objective
+from plmscale.objectives import IGNORE_INDEX, available, get_objective, term_metrics
 from plmscale.preflight import check_launch
-from plmscale.training.trainer import term_metrics
 
 ENCODER = ModelConfig(kind="encoder", vocab_size=300, hidden_size=32, num_layers=2, num_heads=4,
                       max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0,

@@ -21,7 +21,7 @@ from plmscale.errors import UserError
 from plmscale.eval.baseline import FrequencyBaseline, training_frequencies
 from plmscale.manifest import load_manifest
 from plmscale.model_dir import TOKENIZER, load_local_model, load_run_config
-from plmscale.objectives import IGNORE_INDEX, get_objective
+from plmscale.objectives import IGNORE_INDEX, get_objective, term_metrics
 from plmscale.tokenizer import file_sha256
 
 
@@ -87,19 +87,6 @@ def position_hits(logits: torch.Tensor, batch: dict[str, torch.Tensor], objectiv
         return hit & (right | (batch["labels"] == IGNORE_INDEX))
     hit[batch["labels"] != IGNORE_INDEX] = right
     return hit
-
-
-def term_metrics(sums: dict, counts: dict, hits: dict, breakdown: tuple = ()) -> dict[str, float]:
-    """`loss`: the sum of the terms' means, as trained; `accuracy` and `targets`: the first term's (the
-    masked or next tokens); with several terms, each one's `loss/NAME` and `NAME_accuracy` too, the
-    `breakdown` terms (UniLM's modes) where they have targets, and not added into `loss`."""
-    first, *others = [name for name in counts if name not in breakdown]
-    means = {name: sums[name] / max(counts[name], 1) for name in counts}
-    metrics = {"loss": sum(means[name] for name in (first, *others))}
-    metrics |= {"accuracy": hits[first] / max(counts[first], 1), "targets": counts[first]}
-    for name in [*others, *(name for name in breakdown if counts[name])]:
-        metrics |= {f"loss/{name}": means[name], f"{name}_accuracy": hits[name] / max(counts[name], 1)}
-    return metrics
 
 
 SPEED_BATCHES = (1, 32)  # deployment's two regimes: one request's latency, a full batch's throughput

@@ -120,9 +120,10 @@ def model_row(name: str, result: dict) -> str:
 def term_rows(result: dict) -> list[str]:
     """The objective's other loss terms (SpanBERT's SBO, ELECTRA's RTD); `loss` above is their sum with the
     masked-token term, whose accuracy (ELECTRA: the generator's) is the table's."""
-    names = [key.removeprefix("loss/") for key in result if key.startswith("loss/")]
+    names = [key.removeprefix("targets/") for key in result if key.startswith("targets/")]
     rows = [
-        f"  {'':<8} {name}: loss {result[f'loss/{name}']:.4f}, accuracy {result[f'{name}_accuracy']:.4f}"
+        f"  {'':<8} {name}: loss {result[f'loss/{name}']:.4f}"
+        + (f", accuracy {result[f'{name}_accuracy']:.4f}" if f"{name}_accuracy" in result else "")
         for name in names
     ]
     if "unit_accuracy" in result:  # ERNIE: entity and phrase units predicted whole

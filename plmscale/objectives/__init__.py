@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from plmscale.objectives.base import IGNORE_INDEX, LossTerm, Objective
+from plmscale.objectives.base import IGNORE_INDEX, LossTerm, Objective, term_metrics
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -57,4 +57,5 @@ __all__ = [
     "get_objective",
     "get_objective_class",
     "register",
+    "term_metrics",
 ]

@@ -24,6 +24,28 @@ class LossTerm(NamedTuple):
     correct: int | None = None
 
 
+def term_metrics(
+    sums: dict[str, float], counts: dict[str, float], correct: dict[str, float], breakdown: tuple = ()
+) -> dict:
+    """Global per-term totals -> metrics, the same keys in training's evaluation and `plmscale eval`:
+    `loss`, the sum of the terms' means (what is optimized), and the first term's `targets` and `accuracy`
+    (the masked or next tokens), as for one term; with several terms, each term's `loss/NAME`, the other
+    terms' `targets/NAME`, and `NAME_accuracy` for another term whose hits were counted. The `breakdown`
+    terms (`Objective.breakdown_terms`, UniLM's modes) are reported so where they have targets, not added
+    into `loss`."""
+    first, *others = [name for name in counts if name not in breakdown]
+    shown = [name for name in counts if name not in breakdown or counts[name]]
+    means = {name: sums[name] / max(counts[name], 1) for name in shown}
+    metrics = {"loss": sum(means[name] for name in (first, *others)), "targets": counts[first]}
+    if len(shown) > 1:
+        metrics |= {f"loss/{name}": mean for name, mean in means.items()}
+        metrics |= {f"targets/{name}": counts[name] for name in shown if name != first}
+    for name, hits in correct.items():
+        if name in means:
+            metrics["accuracy" if name == first else f"{name}_accuracy"] = hits / max(counts[name], 1)
+    return metrics
+
+
 class Objective:
     name: ClassVar[str]
     model_kinds: ClassVar[set[str]]

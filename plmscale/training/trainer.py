@@ -30,7 +30,7 @@ from plmscale.distill import Distillation, default_student_layers, student_state
 from plmscale.distill.loss import term_counts
 from plmscale.distill.student import check_student_config
 from plmscale.manifest import tokenizer_path
-from plmscale.objectives import LossTerm, get_objective
+from plmscale.objectives import LossTerm, get_objective, term_metrics
 from plmscale.parallel.checkpointing import checkpoint_layers
 from plmscale.parallel.distributed import DeepSpeedMPU, Topology, all_reduce_sum, device, init_distributed
 from plmscale.parallel.pipeline import build_pipeline_model, last_stage_loss, pipeline_batch
@@ -51,26 +51,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def term_metrics(
-    sums: dict[str, float], counts: dict[str, float], correct: dict[str, float], breakdown: tuple = ()
-) -> dict:
-    """Global per-term totals -> metrics: `loss`, the sum of the terms' means (what is optimized), and the
-    first term's `targets` and `accuracy`, as for one term; with several terms, each term's `loss/NAME` and
-    `targets/NAME` too, and `NAME_accuracy` for another term whose hits were counted. The `breakdown`
-    terms (`Objective.breakdown_terms`) are reported so where they have targets, not added into `loss`."""
-    first, *others = [name for name in counts if name not in breakdown]
-    shown = [name for name in counts if name not in breakdown or counts[name]]
-    means = {name: sums[name] / max(counts[name], 1) for name in shown}
-    metrics = {"loss": sum(means[name] for name in (first, *others)), "targets": counts[first]}
-    if len(shown) > 1:
-        metrics |= {f"loss/{name}": mean for name, mean in means.items()}
-        metrics |= {f"targets/{name}": counts[name] for name in shown if name != first}
-    for name, hits in correct.items():
-        if name in means:
-            metrics["accuracy" if name == first else f"{name}_accuracy"] = hits / max(counts[name], 1)
-    return metrics
 
 
 def _dropout_seed(seed: int, step: int, micro: int) -> int:
