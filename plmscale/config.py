@@ -265,7 +265,9 @@ class TrainConfig(_Strict):
     output_dir: str = Field(min_length=1)
     log_interval: int = Field(10, gt=0)
     eval_interval: int = Field(100, gt=0)
-    eval_batches: int = Field(8, gt=0)
+    eval_batches: int = Field(
+        8, gt=0, description="held-out global batches per evaluation: the same sequences in every layout"
+    )
     save_interval: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     reshardable_checkpoints: bool = Field(

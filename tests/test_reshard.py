@@ -131,6 +131,9 @@ def test_runs_resumed_in_other_layouts_follow_the_run_that_kept_its_layout(chain
         for step in rows:
             for key in compared:
                 assert rows[step][key] == pytest.approx(reference[step][key], rel=1e-5), (name, step, key)
+        held_out, ref_held_out = read_metrics(run, "eval")[steps], read_metrics(reference_dir, "eval")[steps]
+        assert held_out["targets"] == ref_held_out["targets"], name  # the same sequences in every layout
+        assert held_out["loss"] == pytest.approx(ref_held_out["loss"], rel=1e-5), name
         meta, states = layout_free_state(run, steps)
         for field in ("step", "optimizer_step", "lr_scheduler", "engine"):
             assert meta[field] == ref_meta[field], (name, field)

@@ -204,7 +204,7 @@ class Trainer:
                 torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, self.topo.pp_rank))
                 self.engine.train_batch(micro_batches)
             else:
-                count = self.cfg.train.eval_batches
+                count = len(batches)
                 self.engine.eval_batch(
                     micro_batches, num_micro_batches=count, reduce_output=None, bcast_loss=False
                 )
@@ -249,7 +249,8 @@ class Trainer:
         """The objective's loss terms and target accuracy on a fixed slice of the held-out split (fixed
         masks; a token stream, so the pair objectives score their MLM term)."""
         self.engine.eval()
-        batches = self.valid_data.micro_batches(0, self.cfg.train.eval_batches)
+        # `eval_batches` global batches: the same held-out sequences whatever the layout
+        batches = self.valid_data.micro_batches(0, self.cfg.train.eval_batches * self.accumulation)
         self.totals.start({}, count_correct=True)
         self._run(batches, 0, train=False)
         self.engine.train()
