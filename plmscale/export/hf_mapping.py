@@ -79,7 +79,8 @@ def with_full_heads(cfg: ModelConfig) -> ModelConfig:
     if cfg.hidden_size % cfg.head_dim or cfg.attention_width > cfg.hidden_size:
         raise ValueError(
             f"model.num_heads={cfg.num_heads} of model.attention_head_dim={cfg.head_dim} do not fit "
-            f"model.hidden_size={cfg.hidden_size} in whole heads: transformers' attention takes each head to be hidden_size / num_heads wide"
+            f"model.hidden_size={cfg.hidden_size} in whole heads: transformers' attention takes each head "
+            "to be hidden_size / num_heads wide"
         )
     return cfg.model_copy(update={"num_heads": cfg.hidden_size // cfg.head_dim, "attention_head_dim": None})
 

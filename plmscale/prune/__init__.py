@@ -99,6 +99,7 @@ def run_prune_command(args: argparse.Namespace) -> None:
         key: getattr(cfg, key) for key in ("num_layers", "num_heads", "attention_head_dim", "ffn_hidden_size")
     }
     print(
-        f"recover: launch/train.sh RECIPE --distill distill.teacher={args.model} train.init_from={args.output} "
+        f"recover: launch/train.sh RECIPE --distill distill.teacher={args.model} "
+        f"train.init_from={args.output} "
         + " ".join(f"model.{key}={value}" for key, value in shape.items() if value is not None)
     )
