@@ -9,6 +9,7 @@
     plmscale generate --model DIR --prompt TEXT        continue a prompt (decoder)
     plmscale fill-mask --model DIR --text TEXT         fill the [MASK]s of a text (encoder)
     plmscale finetune --model DIR --task DIR --output DIR   fine-tune and score on a downstream task
+    plmscale prune --model DIR --heads K --ffn N --output DIR  prune heads, neurons, layers by importance
     plmscale plan --gpt3 175B --nodes 128                layouts that fit a cluster, fastest first
     plmscale checkpoint info|convert RUN_DIR          a run's checkpoints; their layout-free state
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     from plmscale.finetune import add_finetune_parser
     from plmscale.inference import add_inference_parsers
     from plmscale.plan import add_plan_parser
+    from plmscale.prune import add_prune_parser
     from plmscale.training.checkpoint_tool import add_checkpoint_parser
 
     parser = argparse.ArgumentParser(prog="plmscale", description=__doc__.split("\n\n")[0])
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_parsers(sub)
     add_finetune_parser(sub)
     add_plan_parser(sub)
+    add_prune_parser(sub)
     add_checkpoint_parser(sub)
     return parser
 

@@ -106,6 +106,13 @@ class ModelConfig(_Strict):
         description="ELECTRA (objective electra): this model is the discriminator, and a generator of this "
         "fraction of its width (hidden size, heads, FFN; 1/4 to 1/3 in the paper) shares its embeddings",
     )
+    attention_head_dim: int | None = Field(
+        None,
+        gt=0,
+        exclude_if=lambda value: value is None,
+        description="width of each attention head, when not hidden_size / num_heads: a head-pruned model "
+        "(`plmscale prune`) keeps its heads' width with fewer heads",
+    )
     layernorm_eps: float = Field(1e-5, gt=0)
     hidden_dropout: float = Field(0.1, ge=0, lt=1)
     attention_dropout: float = Field(0.1, ge=0, lt=1)
@@ -113,9 +120,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
-        if self.hidden_size % self.num_heads:
+        if self.attention_head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(
-                f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}"
+                f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size} "
+                "(or set model.attention_head_dim)"
             )
         if self.pair_head and self.kind != "encoder":
             raise ValueError("model.pair_head needs model.kind: encoder")
@@ -189,7 +197,13 @@ class ModelConfig(_Strict):
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the concatenated heads: the QKV projection's output per q, k, v; the hidden size unless
+        `attention_head_dim` says otherwise."""
+        return self.num_heads * self.head_dim
 
     @property
     def padded_vocab_size(self) -> int:
@@ -197,8 +211,8 @@ class ModelConfig(_Strict):
 
     def non_embedding_params(self) -> int:
         """Weights applied per token (a shared layer counts each time it runs): the 6N of model FLOPs."""
-        h, f = self.hidden_size, self.ffn_size
-        per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # attention, MLP, two LayerNorms
+        h, a, f = self.hidden_size, self.attention_width, self.ffn_size
+        per_layer = 4 * h * a + 3 * a + h + 2 * h * f + f + h + 4 * h  # attention, MLP, two LayerNorms
         return self.num_layers * per_layer
 
 
@@ -714,9 +728,10 @@ def _check_init_from(file: Path, config: RunConfig) -> None:
     """The starting weights must be those of the network the recipe builds; only training-time settings
     (dropout, the init scale) may differ."""
     directory = Path(config.train.init_from)
-    if config.distill:
+    if config.distill and config.distill.student_layers is not None:
         raise ConfigError(
-            f"{file}: train.init_from and distill: the student starts from its teacher's layers"
+            f"{file}: distill.student_layers picks the teacher layers a student starts from; with "
+            "train.init_from it starts from those weights (a pruned model's recovery)"
         )
     if not (directory / "config.yaml").is_file() or not (directory / "model.safetensors").is_file():
         raise ConfigError(

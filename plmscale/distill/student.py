@@ -18,7 +18,7 @@ from plmscale.config import ModelConfig
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
 # The model's shape may differ from the teacher's in these keys (and in its training-time settings).
-SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "attention_head_dim", "ffn_hidden_size")
 _FREE = {*SHAPE_KEYS, "hidden_dropout", "attention_dropout", "init_std"}
 
 

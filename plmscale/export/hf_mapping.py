@@ -69,6 +69,40 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfi
     return torch.stack(per_head, dim=1).reshape(3 * cfg.hidden_size, *q.shape[1:])
 
 
+def with_full_heads(cfg: ModelConfig) -> ModelConfig:
+    """The shape transformers builds: BERT's, Megatron-BERT's and GPT-2's heads are hidden_size / num_heads
+    wide, and transformers 5 no longer prunes heads (`pruned_heads`). A model with fewer heads of their
+    original width (`model.attention_head_dim`, a head-pruned model) exports with hidden_size / head_dim
+    heads, the missing ones all zero (`full_heads`)."""
+    if cfg.attention_head_dim is None:
+        return cfg
+    if cfg.hidden_size % cfg.head_dim or cfg.attention_width > cfg.hidden_size:
+        raise ValueError(
+            f"model.num_heads={cfg.num_heads} of model.attention_head_dim={cfg.head_dim} do not fit "
+            f"model.hidden_size={cfg.hidden_size} in whole heads: transformers' attention takes each head "
+            "to be hidden_size / num_heads wide"
+        )
+    return cfg.model_copy(update={"num_heads": cfg.hidden_size // cfg.head_dim, "attention_head_dim": None})
+
+
+def full_heads(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """`state` with the heads `with_full_heads` adds: zero query, key and value rows attend uniformly to
+    zero values, and zero output columns add nothing, so the export computes exactly what the model does."""
+    full = with_full_heads(cfg)
+    missing = full.num_heads - cfg.num_heads
+    if not missing:
+        return state
+    padded = dict(state)
+    for name, tensor in state.items():
+        if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+            per_head = tensor.view(cfg.num_heads, 3 * cfg.head_dim, *tensor.shape[1:])
+            zeros = per_head.new_zeros(missing, *per_head.shape[1:])
+            padded[name] = torch.cat([per_head, zeros]).reshape(3 * full.hidden_size, *tensor.shape[1:])
+        elif name.endswith("attn.proj.weight"):
+            padded[name] = torch.cat([tensor, tensor.new_zeros(tensor.shape[0], missing * cfg.head_dim)], 1)
+    return padded
+
+
 def albert_options(cfg: ModelConfig) -> bool:
     return cfg.embedding_size is not None or cfg.layer_groups is not None
 
@@ -260,6 +294,7 @@ def weight_rules(cfg: ModelConfig, name: str | None = None) -> list[Rule]:
 def to_hf_weights(
     state: dict[str, torch.Tensor], cfg: ModelConfig, name: str | None = None
 ) -> dict[str, torch.Tensor]:
+    state, cfg = full_heads(state, cfg), with_full_heads(cfg)
     out = {}
     for rule in weight_rules(cfg, name):
         out |= zip(rule.theirs, rule.to_hf(state[rule.ours]), strict=True)
@@ -281,6 +316,7 @@ def from_hf_weights(
 
 def hf_config(cfg: ModelConfig, family_name: str | None = None) -> PretrainedConfig:
     """The `transformers` config of the architecture that computes what `cfg` builds."""
+    cfg = with_full_heads(cfg)
     name = family(cfg, family_name)
     if name == "GPT2":
         return GPT2Config(

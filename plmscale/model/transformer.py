@@ -34,10 +34,10 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.dropout = cfg.attention_dropout
-        self.qkv = spec.column_linear(cfg.hidden_size, 3 * cfg.hidden_size, cfg.init_std)
+        self.qkv = spec.column_linear(cfg.hidden_size, 3 * cfg.attention_width, cfg.init_std)
         # Scaled init of residual projections (GPT-2 / Megatron): keeps the residual stream's variance flat.
         self.proj = spec.row_linear(
-            cfg.hidden_size, cfg.hidden_size, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+            cfg.attention_width, cfg.hidden_size, cfg.init_std / (2 * cfg.num_layers) ** 0.5
         )
 
     def forward(

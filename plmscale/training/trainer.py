@@ -156,20 +156,27 @@ class Trainer:
         return BatchSource(stream, self.objective, data.seq_length, *order)
 
     def _set_up_distillation(self, dtype: torch.dtype) -> Distillation | None:
-        """Teacher built with the same tensor parallelism, student initialized from its layers. With
-        pipeline stages, the whole teacher runs on the last stage's ranks, where the student's logits are.
+        """Teacher built with the same tensor parallelism, student initialized from its layers (or from
+        `train.init_from`: a pruned model recovering from its unpruned self). With pipeline stages, the
+        whole teacher runs on the last stage's ranks, where the student's logits are.
         The losses' learned projections join the student (as `DISTILL_MODULES`) to be trained with it."""
         d = self.cfg.distill
         teacher_cfg = model_dir.load_run_config(d.teacher).model
         layers = d.student_layers or default_student_layers(teacher_cfg.num_layers, self.cfg.model.num_layers)
         check_student_config(teacher_cfg, self.cfg.model, layers)
         teacher_state = model_dir.load_state(d.teacher)
-        state, how = student_state_from_teacher(
-            teacher_state, full_state_dict(self.model), layers, teacher_cfg, self.cfg.model
-        )
-        load_full_state_dict(self.model, state)
-        if self.topo.is_main:
-            print(f"student from teacher layers {layers}: " + ", ".join(f"{n} {k}" for k, n in how.items()))
+        if self.cfg.train.init_from:  # loaded above: e.g. a pruned model, recovering from its unpruned self
+            if self.topo.is_main:
+                print(f"student from train.init_from={self.cfg.train.init_from}")
+        else:
+            state, how = student_state_from_teacher(
+                teacher_state, full_state_dict(self.model), layers, teacher_cfg, self.cfg.model
+            )
+            load_full_state_dict(self.model, state)
+            if self.topo.is_main:
+                print(
+                    f"student from teacher layers {layers}: " + ", ".join(f"{n} {k}" for k, n in how.items())
+                )
         if not self.topo.is_last_stage:
             return None
         teacher = build_parallel_model(teacher_cfg)
