@@ -5,6 +5,7 @@ fine-tuned teacher, and the teacher mistakes refused in one line before anything
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -167,7 +168,10 @@ def test_teacher_mistakes_are_one_line_before_training(setup, tmp_path, capsys):
     )
     fewer_rows = write_task(tmp_path / "fewer_rows", "".join(train.splitlines(keepends=True)[:-1]), dev)
     teacher = root / "ft"
+    retokenized = shutil.copytree(teacher, tmp_path / "retokenized")
+    (retokenized / "tokenizer.model").write_bytes(b"another vocabulary")
     cases = [
+        ([f"--teacher={retokenized}"], task_dir, f"{retokenized}/tokenizer.model: the teacher's tokenizer differs"),
         ([f"--teacher={student}"], task_dir, f"{student}: not a fine-tuned model directory (no finetune.json"),
         ([f"--teacher={teacher}"], other, f"{teacher}/finetune.json: the teacher's labels ['files', 'numbers'] "
                                           "differ from the task's ['disk', 'numbers']"),
