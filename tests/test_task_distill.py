@@ -65,7 +65,9 @@ def test_task_losses_match_hand_computed_values(setup):
         "[{name: logits, temperature: 2.0, weight: 0.7}, {name: hard, weight: 0.3}, {name: embedding, "
         "weight: 0.1}, {name: hidden, weight: 0.5}, {name: attention, weight: 0.2}]"
     )
-    distill = TaskDistillation(DistillSettings(str(root / "ft"), losses), teacher, student.trunk.cfg, kind, 1)
+    distill = TaskDistillation(
+        DistillSettings(str(root / "ft"), losses, intermediate_epochs=0), teacher, student.trunk.cfg, kind, 1
+    )
     assert [type(loss) for _, loss in distill.losses.values()] == [Logits, type(distill.losses["hard"][1]),
                                                                   Embedding, Hidden, Attention]  # fmt: skip
     # two examples, the second padded: 5 and 3 real tokens
@@ -148,15 +150,17 @@ def test_a_narrow_student_learns_the_task_from_its_teacher(setup, capsys):
         results["distill"]["teacher"] == str(root / "ft") and results["distill"]["teacher_dev"] == teacher_dev
     )
     assert [e["name"] for e in results["distill"]["losses"]] == ["embedding", "hidden", "attention", "logits"]
+    # TinyBERT's order by default: the intermediate layers alone, then the predictions alone
+    assert [e["phase"] for e in results["epochs"]] == ["intermediate"] * 3 + ["prediction"] * 3
     assert results["dev"]["accuracy"] >= 0.9  # chance is 0.5; the teacher's level
     table = out[out.index("model  ") :].splitlines()
     assert table[1].split()[:3] == ["ft", "(teacher)", f"{teacher_dev['loss']:.4f}"]
     assert table[2].split()[0] == "narrow" and table[2].split()[-1].endswith("%")
-    # TinyBERT's order: the intermediate layers alone first, then the predictions alone
-    assert main([*argv, "--intermediate-epochs", "1", "--output", str(root / "kd2")]) == 0
+    # all losses together
+    assert main([*argv, "--intermediate-epochs", "0", "--output", str(root / "kd2")]) == 0
     capsys.readouterr()
     epochs = json.loads((root / "kd2" / "finetune.json").read_text())["epochs"]
-    assert [e["phase"] for e in epochs] == ["intermediate", *["prediction"] * 3]
+    assert [e["phase"] for e in epochs] == ["distillation"] * 3
     assert epochs[-1]["dev"]["accuracy"] >= 0.9
 
 

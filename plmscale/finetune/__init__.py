@@ -98,9 +98,8 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     distill.add_argument(
         "--intermediate-epochs",
         type=int,
-        default=0,
-        help="first train the intermediate-layer losses alone for this many epochs, then the prediction-layer "
-        "ones for --epochs (TinyBERT's order); 0: all together",
+        help="train the intermediate-layer losses alone for this many epochs, then the prediction-layer ones "
+        "for --epochs (TinyBERT's order; default: as many as --epochs); 0: all together",
     )
     parser.set_defaults(func=run_finetune_command)
     return parser
@@ -131,10 +130,10 @@ def run_finetune_command(args: argparse.Namespace) -> dict:
         from plmscale.finetune.distill import parse_losses
 
         losses = parse_losses(args.distill_losses) if args.distill_losses else TINYBERT_TASK_LOSSES
-        if args.intermediate_epochs < 0:
+        if args.intermediate_epochs is not None and args.intermediate_epochs < 0:
             raise UserError(f"--intermediate-epochs must be 0 or more, got {args.intermediate_epochs}")
         distill = DistillSettings(args.teacher, losses, args.intermediate_epochs)
-    elif args.distill_losses or args.intermediate_epochs:
+    elif args.distill_losses or args.intermediate_epochs is not None:
         raise UserError("--distill-losses and --intermediate-epochs need --teacher")
     return finetune_models(
         dict(args.model),

@@ -34,4 +34,6 @@ class DistillSettings:
 
     teacher: str
     losses: tuple[dict, ...] = TINYBERT_TASK_LOSSES
-    intermediate_epochs: int = 0  # > 0: that many epochs of the internal losses before the prediction ones
+    # epochs of the intermediate-layer losses alone before the prediction-layer ones (TinyBERT's order);
+    # None: as many as the prediction phase's where the losses have both kinds; 0: all losses together
+    intermediate_epochs: int | None = None
