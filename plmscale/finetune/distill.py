@@ -158,8 +158,12 @@ def check_teacher(settings: DistillSettings, task: Task, student_dir: Path) -> d
         raise UserError(
             f"{path}: the teacher's labels {theirs['labels']} differ from the task's {task.labels}"
         )
+    if "sha256" not in theirs:
+        raise UserError(
+            f"{path}: records no digests of its task's files (an older plmscale); fine-tune it again"
+        )
     digests = {split: file_digest(file) for split, file in task.files.items()}
-    if theirs.get("sha256") != digests:
+    if theirs["sha256"] != digests:
         raise UserError(
             f"{path}: the teacher was fine-tuned on {theirs['files']['train']}, not on this task's "
             f"{task.files['train']} (the files differ); task distillation needs a teacher of the same task"
