@@ -2,11 +2,13 @@
 
     plmscale finetune --model runs/demo/teacher/model --task runs/demo/data/task_package --output runs/demo/ft
     plmscale finetune --model teacher=T_DIR student=S_DIR --task TASK --output DIR   # one table for both
+    plmscale finetune --model S_DIR --teacher FINETUNED_T_DIR --task TASK --output DIR   # task distillation
 
 Sequence classification or regression, single sentences or pairs, from GLUE-format TSV or JSON Lines
 (`plmscale.finetune.task`); scored with accuracy and F1 (binary and macro) or Pearson and Spearman; the
 fine-tuned model is a model directory with its head (`plmscale.finetune.train`), exported on request as
-`transformers`' `*ForSequenceClassification` (`plmscale.finetune.export`). In Python:
+`transformers`' `*ForSequenceClassification` (`plmscale.finetune.export`); with a teacher, the student
+learns from it (TinyBERT's task distillation, `plmscale.finetune.distill`). In Python:
 `finetune_models({"teacher": DIR, ...}, TASK_DIR, OUTPUT, Settings(...))`.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from plmscale.arguments import fraction, positive
 from plmscale.errors import UserError
-from plmscale.finetune.settings import Settings
+from plmscale.finetune.settings import TINYBERT_TASK_LOSSES, DistillSettings, Settings
 
 
 def _model_arg(text: str) -> tuple[str, str]:
@@ -80,6 +82,25 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     )
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's choice)")
+    distill = parser.add_argument_group("task distillation (TinyBERT's second stage)")
+    distill.add_argument(
+        "--teacher",
+        metavar="FINETUNED_DIR",
+        help="learn from this model, fine-tuned on the same task by `plmscale finetune`, instead of the labels alone",
+    )
+    distill.add_argument(
+        "--distill-losses",
+        metavar="YAML",
+        help="weighted losses as in a recipe's distill.losses, a YAML list or a file holding one (default: "
+        + ", ".join(e["name"] for e in TINYBERT_TASK_LOSSES)
+        + " at temperature 1, TinyBERT's)",
+    )
+    distill.add_argument(
+        "--intermediate-epochs",
+        type=int,
+        help="train the intermediate-layer losses alone for this many epochs, then the prediction-layer ones "
+        "for --epochs (TinyBERT's order; default: as many as --epochs); 0: all together",
+    )
     parser.set_defaults(func=run_finetune_command)
     return parser
 
@@ -104,8 +125,25 @@ def run_finetune_command(args: argparse.Namespace) -> dict:
         "label": args.label,
         "header": args.header,
     }
+    distill = None
+    if args.teacher:
+        from plmscale.finetune.distill import parse_losses
+
+        losses = parse_losses(args.distill_losses) if args.distill_losses else TINYBERT_TASK_LOSSES
+        if args.intermediate_epochs is not None and args.intermediate_epochs < 0:
+            raise UserError(f"--intermediate-epochs must be 0 or more, got {args.intermediate_epochs}")
+        distill = DistillSettings(args.teacher, losses, args.intermediate_epochs)
+    elif args.distill_losses or args.intermediate_epochs is not None:
+        raise UserError("--distill-losses and --intermediate-epochs need --teacher")
     return finetune_models(
-        dict(args.model), args.task, args.output, settings, columns, not args.skip_bad_rows, args.export
+        dict(args.model),
+        args.task,
+        args.output,
+        settings,
+        columns,
+        not args.skip_bad_rows,
+        args.export,
+        distill,
     )
 
 
@@ -117,16 +155,22 @@ def finetune_models(
     columns: dict | None = None,
     strict: bool = True,
     export: str | Path | None = None,
+    distill: DistillSettings | None = None,
     log=print,
 ) -> dict[str, dict]:
-    """Fine-tune each model on the task and print one table of their dev scores; return each one's results.
-    One model is written to `output` (and `export`), several to `output/NAME` (and `export/NAME`)."""
+    """Fine-tune each model on the task (with `distill`, from its teacher) and print one table of their dev
+    scores; return each one's results. One model is written to `output` (and `export`), several to
+    `output/NAME` (and `export/NAME`)."""
     from plmscale.finetune.task import load_task
     from plmscale.finetune.train import check_model_dir, finetune
 
     task = load_task(task_dir, columns, strict)
     for model_dir in models.values():  # every mistake before the first model trains
         check_model_dir(model_dir, task)
+        if distill:
+            from plmscale.finetune.distill import check_distill
+
+            check_distill(distill, task, Path(model_dir), settings.epochs)
     for directory in (output, export):
         try:
             if directory:
@@ -139,13 +183,22 @@ def finetune_models(
     for name, model_dir in models.items():
         out = Path(output) / name if several else Path(output)
         log(f"fine-tuning {model_dir} -> {out}")
-        results[name] = finetune(model_dir, task, settings, out, log=log)
+        results[name] = finetune(model_dir, task, settings, out, log=log, distill=distill)
         if export:
             from plmscale.finetune.export import export_classifier_hf
 
             target = export_classifier_hf(out, Path(export) / name if several else export)
             log(f"exported {out} -> {target} (logits verified against transformers)")
-    log(results_table(results))
+    if distill:  # the teacher's own dev scores first: the students' share of them
+        from plmscale.finetune.train import read_results
+
+        log(
+            results_table(
+                {f"{Path(distill.teacher).name} (teacher)": read_results(distill.teacher)} | results
+            )
+        )
+    else:
+        log(results_table(results))
     return results
 
 
@@ -187,4 +240,4 @@ def results_table(results: dict[str, dict]) -> str:
     )
 
 
-__all__ = ["Settings", "add_finetune_parser", "finetune_models", "run_finetune_command"]
+__all__ = ["DistillSettings", "Settings", "add_finetune_parser", "finetune_models", "run_finetune_command"]

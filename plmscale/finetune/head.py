@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plmscale.finetune import metrics
-from plmscale.model import TransformerLM
+from plmscale.model import Capture, TransformerLM
 
 
 class ClassificationHead(nn.Module):
@@ -48,9 +48,13 @@ class SequenceClassifier(nn.Module):
             self.head.pooler.load_state_dict(trunk.pair_head.pooler.state_dict())
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        capture: Capture | None = None,
     ) -> torch.Tensor:
-        hidden = self.trunk.hidden_states(input_ids, attention_mask, token_type_ids)
+        hidden = self.trunk.hidden_states(input_ids, attention_mask, token_type_ids, capture)
         return self.head(hidden[:, 0])
 
     def trained_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -12,6 +12,7 @@ line, or with `strict=False` is rejected and counted by reason with its first li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -229,6 +230,11 @@ def _is_number(text: str) -> bool:
         return math.isfinite(float(text))
     except ValueError:
         return False
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a split's bytes: what a fine-tuned model records of the task it learned."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_task(directory: str | Path, overrides: dict | None = None, strict: bool = True) -> Task:

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from plmscale.errors import UserError
 from plmscale.finetune.head import SequenceClassifier, TaskKind, task_kind
-from plmscale.finetune.settings import Settings
-from plmscale.finetune.task import Example, Task
+from plmscale.finetune.settings import DistillSettings, Settings
+from plmscale.finetune.task import Example, Task, file_digest
 from plmscale.model_dir import TOKENIZER, load_local_model, load_run_config, save_model_dir
 from plmscale.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
 
@@ -101,14 +101,11 @@ def evaluate(model: SequenceClassifier, features: Features, kind: TaskKind, batc
     return {"loss": loss_sum / len(targets)} | kind.scores(torch.cat(predictions), targets)
 
 
-def _optimizer(model: SequenceClassifier, settings: Settings) -> torch.optim.AdamW:
+def _optimizer(params: list[torch.nn.Parameter], settings: Settings) -> torch.optim.AdamW:
     """Weight decay on the matrices only: biases and LayerNorm gains are not decayed (BERT)."""
-    params = model.trained_parameters()
-    decay = [p for _, p in params if p.dim() >= 2]
-    no_decay = [p for _, p in params if p.dim() < 2]
     groups = [
-        {"params": decay, "weight_decay": settings.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=settings.lr)
 
@@ -148,8 +145,10 @@ def finetune(
     output_dir: str | Path,
     device: torch.device | None = None,
     log: Callable[[str], None] = print,
+    distill: DistillSettings | None = None,
 ) -> dict:
-    """Train the directory's encoder with a new head on `task`; write `output_dir`; return the results."""
+    """Train the directory's encoder with a new head on `task`, from its labels or, with `distill`, from a
+    fine-tuned teacher (plmscale.finetune.distill); write `output_dir`; return the results."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     run_config = check_model_dir(model_dir, task)
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -158,48 +157,71 @@ def finetune(
     trunk, cfg = load_local_model(model_dir)
     kind = task_kind(task.spec.kind, task.labels)
     model = SequenceClassifier(trunk, kind.num_outputs, settings.dropout).to(device)
-    tokenizer = Tokenizer(model_dir / TOKENIZER)
     max_length = min(settings.max_seq_length, cfg.max_position_embeddings)
+    distiller = None
+    if distill:
+        from plmscale.finetune.distill import TaskDistillation
+
+        teacher, teacher_results = load_finetuned(distill.teacher)
+        max_length = min(max_length, teacher.trunk.cfg.max_position_embeddings)
+        distiller = TaskDistillation(distill, teacher.to(device), cfg, kind, settings.epochs)
+        distiller.trainable.to(device)
+    tokenizer = Tokenizer(model_dir / TOKENIZER)
     features = {
         split: encode_examples(tokenizer, task.examples[split], max_length) for split in task.examples
     }
     train = features["train"]
     targets = kind.targets(train.labels)
     steps_per_epoch = math.ceil(len(targets) / settings.batch_size)
-    total_steps = settings.epochs * steps_per_epoch
-    optimizer = _optimizer(model, settings)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(total_steps, round(settings.warmup_fraction * total_steps))
-    )
+    phases = distiller.phases if distiller else [None]
     history = []
-    for epoch in range(settings.epochs):
-        model.train()
-        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(settings.seed + epoch))
-        loss_sum = 0.0
-        bar = tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", leave=False
+    for phase in phases:
+        epochs = phase.epochs if phase else settings.epochs
+        params = [p for _, p in model.trained_parameters()]
+        optimizer = _optimizer(
+            params + (list(distiller.trainable.parameters()) if distiller else []), settings
         )
-        for step in bar:
-            rows = order[step * settings.batch_size : (step + 1) * settings.batch_size].tolist()
-            batch_loss, count = kind.loss(
-                model(**batch_tensors(train, rows, device)), targets[rows].to(device)
-            )
-            (batch_loss / count).backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in model.trained_parameters()], settings.grad_clip)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += batch_loss.item()
-            bar.set_postfix(loss=f"{batch_loss.item() / count:.3f}", refresh=False)
-        bar.close()
-        dev = evaluate(model, features["dev"], kind, settings.batch_size)
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / len(targets), "dev": dev})
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in dev.items())
-        log(f"epoch {epoch + 1}/{settings.epochs}: train loss {loss_sum / len(targets):.4f}, dev {shown}")
+        total_steps = epochs * steps_per_epoch
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, linear_schedule(total_steps, round(settings.warmup_fraction * total_steps))
+        )
+        for epoch in range(epochs):
+            model.train()
+            seed = settings.seed + len(history)
+            order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
+            loss_sum = 0.0
+            label = f"{phase.name + ' ' if phase else ''}epoch {epoch + 1}/{epochs}"
+            bar = tqdm(range(steps_per_epoch), desc=label, unit="step", leave=False)
+            for step in bar:
+                rows = order[step * settings.batch_size : (step + 1) * settings.batch_size].tolist()
+                batch, batch_targets = batch_tensors(train, rows, device), targets[rows].to(device)
+                if distiller:
+                    loss = distiller(model, batch, batch_targets, phase)
+                else:
+                    loss_sum_batch, count = kind.loss(model(**batch), batch_targets)
+                    loss = loss_sum_batch / count
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.item() * len(rows)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.close()
+            dev = evaluate(model, features["dev"], kind, settings.batch_size)
+            history.append({"epoch": len(history) + 1, "train_loss": loss_sum / len(targets), "dev": dev})
+            if phase:
+                history[-1]["phase"] = phase.name
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in dev.items())
+            log(f"{label}: train loss {loss_sum / len(targets):.4f}, dev {shown}")
     results = {
         "model": str(model_dir),
         "task": task.spec.model_dump()
-        | {"labels": task.labels, "files": {k: str(v) for k, v in task.files.items()}},
+        | {
+            "labels": task.labels,
+            "files": {k: str(v) for k, v in task.files.items()},
+            "sha256": {k: file_digest(v) for k, v in task.files.items()},
+        },
         "settings": asdict(settings) | {"max_seq_length": max_length},
         "examples": {split: len(f.labels) for split, f in features.items()},
         "truncated": {split: f.truncated for split, f in features.items()},
@@ -211,6 +233,8 @@ def finetune(
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - start_cpu,  # all threads of this process
     }
+    if distill:
+        results["distill"] = asdict(distill) | {"teacher_dev": teacher_results["dev"]}
     save_finetuned(model, run_config, model_dir / TOKENIZER, results, output_dir)
     return results
 
@@ -233,16 +257,21 @@ def save_finetuned(model: SequenceClassifier, run_config, tokenizer: Path, resul
     (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
 
 
-def load_finetuned(directory: str | Path) -> tuple[SequenceClassifier, dict]:
-    """A fine-tuned directory's classifier in eval mode, and its results (task, labels, settings, scores)."""
-    directory = Path(directory)
-    if not (directory / RESULTS).is_file():
+def read_results(directory: str | Path) -> dict:
+    """A fine-tuned directory's finetune.json: its task, labels, settings and scores."""
+    path = Path(directory) / RESULTS
+    if not path.is_file():
         raise UserError(
             f"{directory}: not a fine-tuned model directory (no {RESULTS}; see `plmscale finetune`)"
         )
-    results = json.loads((directory / RESULTS).read_text())
+    return json.loads(path.read_text())
+
+
+def load_finetuned(directory: str | Path) -> tuple[SequenceClassifier, dict]:
+    """A fine-tuned directory's classifier in eval mode, and its results (task, labels, settings, scores)."""
+    results = read_results(directory)
     trunk, _ = load_local_model(directory)
     kind = task_kind(results["task"]["kind"], results["task"]["labels"])
     model = SequenceClassifier(trunk, kind.num_outputs, results["settings"]["dropout"])
-    model.head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
+    model.head.load_state_dict(load_file(str(Path(directory) / HEAD_WEIGHTS)))
     return model.eval(), results

@@ -299,9 +299,10 @@ class TransformerLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        capture: Capture | None = None,
     ) -> torch.Tensor:
         """The final hidden states (after the last LayerNorm) of a whole model."""
-        x = self.encode(self.embed(input_ids, token_type_ids), attention_mask)
+        x = self.encode(self.embed(input_ids, token_type_ids), attention_mask, capture)
         return self.final_ln(x) if self.final_ln is not None else x
 
     def attention_bias(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
