@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from plmscale.config import REPO_ROOT, RunConfig
+from plmscale.config import REPO_ROOT, ConfigError, RunConfig
 from plmscale.export import add_export_parser
 from plmscale.export.hf import export_hf, hf_tokenizer, verify_export
 from plmscale.inference.model import encode_masked
@@ -170,6 +170,11 @@ def test_export_command(tokenizer_model, tmp_path, capsys):
     args.func(args)
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     assert "logits verified" in capsys.readouterr().out
+    weights = (model_dir / "model.safetensors").read_bytes()
+    into_model_dir = parser.parse_args(["export", "--model", str(model_dir), "--output", str(model_dir)])
+    with pytest.raises(ConfigError, match="a plmscale model directory; export to another directory"):
+        into_model_dir.func(into_model_dir)
+    assert (model_dir / "model.safetensors").read_bytes() == weights
 
 
 def test_decode_is_sentencepiece_decode_and_a_continuation_keeps_its_space(exported, tokenizer_model):

@@ -98,6 +98,8 @@ def export_hf(model_dir: str | Path, output_dir: str | Path, family: str | None 
     """Write config.json, model.safetensors and the tokenizer to `output_dir`, then verify them. `family`
     (e.g. "Roberta") picks another transformers family that computes the same as the model's own."""
     model_dir, out = Path(model_dir), Path(output_dir)
+    if (out / CONFIG).is_file():  # both write model.safetensors: the export would replace its weights
+        raise ConfigError(f"{out}: a plmscale model directory; export to another directory")
     model, cfg = load_local_model(model_dir)
     if cfg.generator_hidden_fraction is not None:  # two checkpoints, the discriminator and the generator
         from plmscale.export.hf_electra import export_electra
