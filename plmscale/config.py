@@ -430,18 +430,13 @@ class RunConfig(_Strict):
             )
 
     def _check_pipeline_heads(self) -> None:
-        """Pipeline stages pass hidden states and masks; these heads need more on the last stage."""
+        """Pipeline stages pass hidden states, masks and span boundaries; ELECTRA needs more."""
         pp = self.parallel.pipeline_parallel
         if pp > 1 and self.model.generator_hidden_fraction is not None:
             raise ValueError(
                 f"parallel.pipeline_parallel={pp} with model.generator_hidden_fraction (ELECTRA): the "
                 "generator's samples feed the discriminator's first layer, a second pass through every "
                 "stage that DeepSpeed's pipeline schedule has no place for; use tensor_parallel and ZeRO"
-            )
-        if pp > 1 and self.model.span_boundary_head:
-            raise ValueError(
-                f"parallel.pipeline_parallel={pp} with model.span_boundary_head: the span boundaries do not "
-                "travel between pipeline stages; use tensor_parallel and ZeRO"
             )
 
     def warnings(self, world_size: int) -> list[str]:
