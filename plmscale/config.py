@@ -98,6 +98,13 @@ class ModelConfig(_Strict):
         exclude_if=lambda value: not value,
         description="SpanBERT's span-boundary head (objective mlm_sbo)",
     )
+    span_offset_size: int | None = Field(
+        None,
+        gt=0,
+        exclude_if=lambda value: value is None,
+        description="width of the span-boundary head's offset embedding, concatenated with the two boundary "
+        "states (SpanBERT's code: 200); default hidden_size",
+    )
     generator_hidden_fraction: float | None = Field(
         None,
         gt=0,
@@ -122,6 +129,10 @@ class ModelConfig(_Strict):
         self._check_albert()
         if self.span_boundary_head and self.kind != "encoder":
             raise ValueError("model.span_boundary_head needs model.kind: encoder")
+        if self.span_offset_size is not None and not self.span_boundary_head:
+            raise ValueError(
+                "model.span_offset_size sizes the span-boundary head: set model.span_boundary_head"
+            )
         if self.generator_hidden_fraction is not None:
             self._check_generator()
         return self
