@@ -666,12 +666,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             raise ConfigError(
                 f"{file}: data.{key} serves the {', '.join(trained)} objectives, not {objective.name!r}"
             )
-    pp = config.parallel.pipeline_parallel
-    if pp > 1 and objective.without_pipeline:
-        raise ConfigError(
-            f"{file}: parallel.pipeline_parallel={pp} with objective {objective.name!r}: "
-            f"{objective.without_pipeline}; use tensor_parallel and ZeRO"
-        )
     _check_schedule(file, config)
     if config.train.init_from:
         _check_init_from(file, config)

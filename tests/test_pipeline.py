@@ -1,5 +1,5 @@
 """Pipeline parallelism and activation checkpointing: stages built as parts equal the whole model, checkpointed
-layers recompute exactly, stage tuples carry what the last stage's heads read, and on real gloo process groups
+layers recompute exactly, stage tuples carry what stages and heads read, and on real gloo process groups
 PP=2 and TP2 x PP2 x DP2 (8 processes) train like one process for GPT, BERT-MLM and BERT-MLM+NSP (SpanBERT:
 PP=2); a pipelined run resumes exactly and its model directory is whole."""
 
@@ -72,24 +72,31 @@ def test_stages_built_as_parts_hold_and_compute_what_the_whole_model_does():
                                                                 target_mask=target_mask))  # fmt: skip
 
 
-def test_stage_tuples_carry_what_the_last_stages_heads_read(shards):
-    """Through stages built as parts, SpanBERT's span boundaries and the pair flag reach the last stage, whose
-    loss terms are the whole model's: MLM + SBO on a span batch, MLM + pair on a pair batch, MLM alone on a
-    pair model's held-out token batch (its pair head does not run)."""
+def test_stage_tuples_carry_what_the_stages_and_last_heads_read(shards):
+    """Through stages built as parts, UniLM's attention patterns reach every stage, SpanBERT's span
+    boundaries and the pair flag the last one, whose loss terms are the whole model's: MLM + SBO on a span
+    batch, MLM + pair on a pair batch, MLM alone on a pair model's token batch (its pair head does not run),
+    MLM and its per-mode slices under UniLM's mixed masks."""
     tokenizer = str(tokenizer_path(load_manifest(shards, verify=False)))
     cfg = CFG.model_copy(update={"vocab_size": 2000, "span_boundary_head": True})  # both heads
-    span = get_objective("mlm_sbo", {"tokenizer": tokenizer}, cfg)
-    span_batch = BatchSource(PackedStream.from_manifest(shards, "valid"), span, 32, 3, 1, 0, 3, False)
+    valid = PackedStream.from_manifest(shards, "valid")
+    span, unilm = get_objective("mlm_sbo", {"tokenizer": tokenizer}, cfg), get_objective("unilm", {}, cfg)
     pair = get_objective("mlm_nsp", {}, cfg)
     pair_batch = _batch(seq=24) | {"token_type_ids": torch.zeros(3, 24, dtype=torch.long)}
     pair_batch["pair_label"] = torch.tensor([0, 1, 1])
     token_batch = {k: v for k, v in pair_batch.items() if k != "pair_label"}
+    unilm_batch = BatchSource(valid, unilm, 32, 8, 1, 0, 3, False).micro_batches(0, 1)[0]
+    assert len(unilm_batch["mode"].unique()) > 1
     torch.manual_seed(5)
     whole = TransformerLM(cfg).eval()
     torch.manual_seed(5)
     stages = [PipelineStage(cfg, part=part).eval() for part in stage_parts(cfg, 2)]
-    cases = [(span, span_batch.micro_batches(0, 1)[0], {"mlm", "sbo"}), (pair, pair_batch, {"mlm", "pair"}),
-             (pair, token_batch, {"mlm"})]  # fmt: skip
+    cases = [
+        (span, BatchSource(valid, span, 32, 3, 1, 0, 3, False).micro_batches(0, 1)[0], {"mlm", "sbo"}),
+        (pair, pair_batch, {"mlm", "pair"}),
+        (pair, token_batch, {"mlm"}),
+        (unilm, unilm_batch, {"mlm", *unilm.breakdown_terms}),
+    ]
     for objective, batch, names in cases:
         expected = objective.loss_terms(whole(**objective.model_inputs(batch)), batch, whole.spec, True)
         inputs, labels = pipeline_batch(objective, batch)
@@ -97,9 +104,9 @@ def test_stage_tuples_carry_what_the_last_stages_heads_read(shards):
             inputs = stage(inputs)
         scored = partial(objective.loss_terms, spec=whole.spec, count_correct=True)
         got = last_stage_loss(scored)(inputs, labels)
-        assert got.keys() == expected.keys() == names
+        assert got.keys() == expected.keys() == names and expected["mlm"].count > 0
         for name, term in expected.items():
-            assert (got[name].count, got[name].correct) == (term.count, term.correct) and term.count > 0
+            assert (got[name].count, got[name].correct) == (term.count, term.correct), name
             torch.testing.assert_close(got[name].sum, term.sum, rtol=1e-6, atol=1e-5)
 
 
