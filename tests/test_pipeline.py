@@ -72,13 +72,15 @@ def test_stages_built_as_parts_hold_and_compute_what_the_whole_model_does():
                                                                 target_mask=target_mask))  # fmt: skip
 
 
-def test_stage_tuples_carry_what_the_stages_and_last_heads_read(shards):
+@pytest.mark.parametrize("layernorm", ["pre", "post"])  # post: BERT's, RoBERTa's (embedding LayerNorm too)
+def test_stage_tuples_carry_what_the_stages_and_last_heads_read(shards, layernorm):
     """Through stages built as parts, UniLM's attention patterns reach every stage, SpanBERT's span
     boundaries and the pair flag the last one, whose loss terms are the whole model's: MLM + SBO on a span
     batch, MLM + pair on a pair batch, MLM alone on a pair model's token batch (its pair head does not run),
     MLM and its per-mode slices under UniLM's mixed masks."""
     tokenizer = str(tokenizer_path(load_manifest(shards, verify=False)))
-    cfg = CFG.model_copy(update={"vocab_size": 2000, "span_boundary_head": True})  # both heads
+    post = {"layernorm_position": "post", "embedding_layernorm": True} if layernorm == "post" else {}
+    cfg = CFG.model_copy(update={"vocab_size": 2000, "span_boundary_head": True, **post})  # both heads
     valid = PackedStream.from_manifest(shards, "valid")
     span, unilm = get_objective("mlm_sbo", {"tokenizer": tokenizer}, cfg), get_objective("unilm", {}, cfg)
     pair = get_objective("mlm_nsp", {}, cfg)
