@@ -98,6 +98,13 @@ class ModelConfig(_Strict):
         exclude_if=lambda value: not value,
         description="SpanBERT's span-boundary head (objective mlm_sbo)",
     )
+    span_offset_size: int | None = Field(
+        None,
+        gt=0,
+        exclude_if=lambda value: value is None,
+        description="width of the span-boundary head's offset embedding, concatenated with the two boundary "
+        "states (SpanBERT's code: 200); default hidden_size",
+    )
     generator_hidden_fraction: float | None = Field(
         None,
         gt=0,
@@ -130,6 +137,10 @@ class ModelConfig(_Strict):
         self._check_albert()
         if self.span_boundary_head and self.kind != "encoder":
             raise ValueError("model.span_boundary_head needs model.kind: encoder")
+        if self.span_offset_size is not None and not self.span_boundary_head:
+            raise ValueError(
+                "model.span_offset_size sizes the span-boundary head: set model.span_boundary_head"
+            )
         if self.generator_hidden_fraction is not None:
             self._check_generator()
         return self
@@ -446,18 +457,13 @@ class RunConfig(_Strict):
             )
 
     def _check_pipeline_heads(self) -> None:
-        """Pipeline stages pass hidden states and masks; these heads need more on the last stage."""
+        """Pipeline stages pass hidden states, masks and span boundaries; ELECTRA needs more."""
         pp = self.parallel.pipeline_parallel
         if pp > 1 and self.model.generator_hidden_fraction is not None:
             raise ValueError(
                 f"parallel.pipeline_parallel={pp} with model.generator_hidden_fraction (ELECTRA): the "
                 "generator's samples feed the discriminator's first layer, a second pass through every "
                 "stage that DeepSpeed's pipeline schedule has no place for; use tensor_parallel and ZeRO"
-            )
-        if pp > 1 and self.model.span_boundary_head:
-            raise ValueError(
-                f"parallel.pipeline_parallel={pp} with model.span_boundary_head: the span boundaries do not "
-                "travel between pipeline stages; use tensor_parallel and ZeRO"
             )
 
     def warnings(self, world_size: int) -> list[str]:
@@ -676,12 +682,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             raise ConfigError(
                 f"{file}: data.{key} serves the {', '.join(trained)} objectives, not {objective.name!r}"
             )
-    pp = config.parallel.pipeline_parallel
-    if pp > 1 and objective.without_pipeline:
-        raise ConfigError(
-            f"{file}: parallel.pipeline_parallel={pp} with objective {objective.name!r}: "
-            f"{objective.without_pipeline}; use tensor_parallel and ZeRO"
-        )
     _check_schedule(file, config)
     if config.train.init_from:
         _check_init_from(file, config)

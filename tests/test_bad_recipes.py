@@ -99,6 +99,13 @@ BAD = [
         set={"parallel.tensor_parallel": 2}, world_size=3),
     Bad("pipeline_with_zero2", ("ZeRO stage 2", "parallel.pipeline_parallel=2"),
         set={"parallel.pipeline_parallel": 2}),
+    # the BERT family's pipeline refusals, each naming why (SpanBERT, UniLM, RoBERTa pipeline: test_pipeline.py)
+    Bad("pipeline_albert_shared_layers", ("parallel.pipeline_parallel=2", "model.layer_groups=1", "shared"),
+        set={"parallel.pipeline_parallel": 2, "model.layer_groups": 1, "train.deepspeed_config": "{zero1}"}),
+    Bad("pipeline_electra", ("parallel.pipeline_parallel=2", "model.generator_hidden_fraction", "generator"),
+        set={"parallel.pipeline_parallel": 2, "train.deepspeed_config": "{zero1}", "objective.name": "electra",
+             "model.generator_hidden_fraction": 0.25, "model.layernorm_position": "post",
+             "model.embedding_layernorm": True}),
     Bad("global_not_micro_multiple", ("train.global_batch_size=12",), set={"train.global_batch_size": 12}),
     Bad("global_not_dp_multiple", ("train.global_batch_size=24", "data-parallel size 2"),
         set={"train.global_batch_size": 24}),
@@ -196,7 +203,7 @@ def files(shards, tmp_path_factory) -> dict[str, Path]:
     def manifest(directory: Path) -> dict:
         return json.loads((directory / MANIFEST).read_text())
 
-    paths = {"shards": shards, "empty": root / "empty"}
+    paths = {"shards": shards, "empty": root / "empty", "zero1": REPO / "ds_configs" / "zero1.json"}
     paths["empty"].mkdir()
     paths["truncated"] = copy("truncated")
     text = (paths["truncated"] / MANIFEST).read_bytes()
@@ -293,7 +300,7 @@ def test_a_corrupt_shard_passes_without_checksums_but_not_with_them(files, tmp_p
 
 
 CLI_CASES = ["duplicate_key", "ds_misspelled_section", "ds_directory", "unknown_valid_split",
-             "manifest_truncated"]  # fmt: skip
+             "manifest_truncated", "pipeline_electra"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CLI_CASES)

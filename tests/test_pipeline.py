@@ -1,6 +1,7 @@
 """Pipeline parallelism and activation checkpointing: stages built as parts equal the whole model, checkpointed
-layers recompute exactly, and on real gloo process groups PP=2 and TP2 x PP2 x DP2 (8 processes) train like one
-process for GPT, BERT-MLM and BERT-MLM+NSP; a pipelined run resumes exactly and its model directory is whole."""
+layers recompute exactly, stage tuples carry what stages and heads read, and on real gloo process groups
+PP=2 and TP2 x PP2 x DP2 (8 processes) train like one process for GPT, BERT-MLM and BERT-MLM+NSP (SpanBERT:
+PP=2); a pipelined run resumes exactly and its model directory is whole."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -23,12 +25,14 @@ from conftest import (
 from test_pair_objectives import PAIR_MODEL, instance_sets  # noqa: F401 - the module fixture
 
 from plmscale.config import ConfigError, ModelConfig, load_config
+from plmscale.data import BatchSource, PackedStream
+from plmscale.manifest import load_manifest, tokenizer_path
 from plmscale.model import TransformerLM
 from plmscale.model.transformer import ModelPart
 from plmscale.model_dir import load_state
 from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.parallel.checkpointing import checkpoint_layers
-from plmscale.parallel.pipeline import stage_parts
+from plmscale.parallel.pipeline import PipelineStage, last_stage_loss, pipeline_batch, stage_parts
 
 STEPS = 5
 CFG = ModelConfig(kind="encoder", vocab_size=250, pad_vocab_to_multiple_of=64, hidden_size=32, num_layers=4,
@@ -66,6 +70,46 @@ def test_stages_built_as_parts_hold_and_compute_what_the_whole_model_does():
     target_mask = batch["labels"] != IGNORE_INDEX
     assert torch.equal(stages[-1].output(x, target_mask), whole(batch["input_ids"], batch["attention_mask"],
                                                                 target_mask=target_mask))  # fmt: skip
+
+
+@pytest.mark.parametrize("layernorm", ["pre", "post"])  # post: BERT's, RoBERTa's (embedding LayerNorm too)
+def test_stage_tuples_carry_what_the_stages_and_last_heads_read(shards, layernorm):
+    """Through stages built as parts, UniLM's attention patterns reach every stage, SpanBERT's span
+    boundaries and the pair flag the last one, whose loss terms are the whole model's: MLM + SBO on a span
+    batch, MLM + pair on a pair batch, MLM alone on a pair model's token batch (its pair head does not run),
+    MLM and its per-mode slices under UniLM's mixed masks."""
+    tokenizer = str(tokenizer_path(load_manifest(shards, verify=False)))
+    post = {"layernorm_position": "post", "embedding_layernorm": True} if layernorm == "post" else {}
+    cfg = CFG.model_copy(update={"vocab_size": 2000, "span_boundary_head": True, **post})  # both heads
+    valid = PackedStream.from_manifest(shards, "valid")
+    span, unilm = get_objective("mlm_sbo", {"tokenizer": tokenizer}, cfg), get_objective("unilm", {}, cfg)
+    pair = get_objective("mlm_nsp", {}, cfg)
+    pair_batch = _batch(seq=24) | {"token_type_ids": torch.zeros(3, 24, dtype=torch.long)}
+    pair_batch["pair_label"] = torch.tensor([0, 1, 1])
+    token_batch = {k: v for k, v in pair_batch.items() if k != "pair_label"}
+    unilm_batch = BatchSource(valid, unilm, 32, 8, 1, 0, 3, False).micro_batches(0, 1)[0]
+    assert len(unilm_batch["mode"].unique()) > 1
+    torch.manual_seed(5)
+    whole = TransformerLM(cfg).eval()
+    torch.manual_seed(5)
+    stages = [PipelineStage(cfg, part=part).eval() for part in stage_parts(cfg, 2)]
+    cases = [
+        (span, BatchSource(valid, span, 32, 3, 1, 0, 3, False).micro_batches(0, 1)[0], {"mlm", "sbo"}),
+        (pair, pair_batch, {"mlm", "pair"}),
+        (pair, token_batch, {"mlm"}),
+        (unilm, unilm_batch, {"mlm", *unilm.breakdown_terms}),
+    ]
+    for objective, batch, names in cases:
+        expected = objective.loss_terms(whole(**objective.model_inputs(batch)), batch, whole.spec, True)
+        inputs, labels = pipeline_batch(objective, batch)
+        for stage in stages:
+            inputs = stage(inputs)
+        scored = partial(objective.loss_terms, spec=whole.spec, count_correct=True)
+        got = last_stage_loss(scored)(inputs, labels)
+        assert got.keys() == expected.keys() == names and expected["mlm"].count > 0
+        for name, term in expected.items():
+            assert (got[name].count, got[name].correct) == (term.count, term.correct), name
+            torch.testing.assert_close(got[name].sum, term.sum, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("every", [1, 2, 3])
@@ -119,10 +163,15 @@ LAYOUTS = {  # processes, parallel section, extra train keys
     "pp2": (2, {"pipeline_parallel": 2}, {"activation_checkpointing": 1}),
     "3d": (8, {"pipeline_parallel": 2, "tensor_parallel": 2}, {}),
 }
-MODELS = {  # a decoder, and an encoder with MLM and the pair head (plain BERT is the subset of it)
+MODELS = {  # a decoder, an encoder with MLM and the pair head (plain BERT is the subset of it), SpanBERT
     "gpt": {"kind": "decoder"},
     "bert_nsp": {"model": PAIR_MODEL, "objective": {"name": "mlm_nsp"}},
+    "spanbert": {
+        "model": {"span_boundary_head": True, "type_vocab_size": 0},
+        "objective": {"name": "mlm_sbo"},
+    },
 }
+MODEL_LAYOUTS = {"spanbert": ("one", "pp2")}  # its heads on the last stage: what PP2 alone shows
 
 
 def _recipe(shards, instance_sets, output, model: str, layout: str, **train):  # noqa: F811
@@ -130,6 +179,9 @@ def _recipe(shards, instance_sets, output, model: str, layout: str, **train):  #
     sections = dict(MODELS[model])
     if model == "bert_nsp":
         sections["data"] = {"instances": str(instance_sets["nsp"])}
+    if model == "spanbert":
+        tokenizer = str(tokenizer_path(load_manifest(shards, verify=False)))
+        sections["objective"] = sections["objective"] | {"params": {"tokenizer": tokenizer}}
     return tiny_recipe(
         shards, output, kind=sections.pop("kind", "encoder"), parallel=parallel,
         train={"deepspeed_config": str(REPO / "ds_configs" / "zero1.json"), "micro_batch_size": 4,
@@ -141,7 +193,8 @@ def _recipe(shards, instance_sets, output, model: str, layout: str, **train):  #
 
 def _layout_runs(shards, instance_sets, root, model: str) -> dict:  # noqa: F811
     runs = {}
-    for layout, (procs, _, _) in LAYOUTS.items():
+    for layout in MODEL_LAYOUTS.get(model, LAYOUTS):
+        procs = LAYOUTS[layout][0]
         output = root / f"{model}_{layout}"
         recipe = _recipe(shards, instance_sets, output, model, layout)
         launch(write_recipe(root / f"{model}_{layout}.yaml", recipe), nprocs=procs, timeout=600)
@@ -152,16 +205,17 @@ def _layout_runs(shards, instance_sets, root, model: str) -> dict:  # noqa: F811
 @pytest.mark.distributed
 @pytest.mark.parametrize("model", MODELS)
 def test_pipeline_layouts_train_like_one_process(shards, instance_sets, tmp_path, model):  # noqa: F811
-    """PP=2 (with every layer checkpointed) and TP2 x PP2 x DP2 follow the one-process run: every loss term,
-    the held-out loss and the gradient norm (tied embeddings counted once, clipping on) agree to fp32
-    rounding; the model directory gathered from every stage and TP rank holds the same weights."""
+    """PP=2 (with every layer checkpointed) and TP2 x PP2 x DP2 (SpanBERT: PP=2) follow the one-process run:
+    every loss term, the held-out loss and the gradient norm (tied embeddings counted once, clipping on) agree
+    to fp32 rounding; the model directory gathered from every stage and TP rank holds the same weights."""
     layout_runs = _layout_runs(shards, instance_sets, tmp_path, model)
     reference = read_metrics(layout_runs[model, "one"])
     assert sorted(reference) == list(range(1, STEPS + 1))
     keys = [k for k in reference[1] if k.startswith(("loss", "targets", "pair_accuracy")) or k == "grad_norm"]
+    assert {"spanbert": "loss/sbo", "bert_nsp": "loss/pair"}.get(model, "loss") in keys
     assert reference[STEPS]["loss"] < reference[1]["loss"]
     weights = load_state(layout_runs[model, "one"] / "model")
-    for layout in ("pp2", "3d"):
+    for layout in [layout for (_, layout) in layout_runs if layout != "one"]:
         rows = read_metrics(layout_runs[model, layout])
         for key in keys:
             curve = [rows[step][key] for step in range(1, STEPS + 1)]

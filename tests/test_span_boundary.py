@@ -1,5 +1,6 @@
 """SpanBERT's span-boundary objective: which positions it predicts, from which boundaries, with which
-network; its held-out metric; its loss falls on the embedded corpus; bad combinations are refused."""
+network; its held-out metric; its loss falls on the embedded corpus; bad combinations are refused (pipeline
+stages train it: tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, tiny_recipe, train_single_process, write_recipe
+from conftest import tiny_recipe, train_single_process, write_recipe
 
 from plmscale.config import ConfigError, ModelConfig, load_config
 from plmscale.data import BatchSource, PackedStream
@@ -33,9 +34,11 @@ def test_each_span_position_gets_its_spans_two_boundaries():
         span_boundaries(np.array([[0, 2]]), 9)  # a span at the start has no left boundary
 
 
-def test_head_computes_spanberts_boundary_network_by_hand():
+@pytest.mark.parametrize("offset_size", [None, 8])
+def test_head_computes_spanberts_boundary_network_by_hand(offset_size):
     torch.manual_seed(0)
-    model = TransformerLM(CFG).eval()
+    model = TransformerLM(CFG.model_copy(update={"span_offset_size": offset_size})).eval()
+    assert model.span_boundary_head.offsets.weight.shape == (CFG.max_position_embeddings, offset_size or 32)
     input_ids = torch.randint(5, CFG.vocab_size, (2, 12))
     boundaries = torch.from_numpy(
         np.stack([span_boundaries([[3, 6]], 12), span_boundaries([[1, 2], [8, 10]], 12)])
@@ -113,13 +116,10 @@ def test_bad_combinations_are_refused_naming_the_key(shards, tmp_path):
         return str(err.value)
 
     assert "model.span_boundary_head" in rejected()
+    assert "model.span_offset_size" in rejected(model={"span_offset_size": 200})
     head = {"span_boundary_head": True}
     params = {"params": {"tokenizer": "t", "unit": "token"}}
     assert "objective.params: unit='token'" in rejected(model=head, objective=params)
-    zero1 = {"deepspeed_config": str(REPO / "ds_configs" / "zero1.json")}
-    assert "parallel.pipeline_parallel=2 with model.span_boundary_head" in rejected(
-        model=head, parallel={"pipeline_parallel": 2}, train=zero1
-    )
     recipe = tiny_recipe(
         shards, tmp_path / "out", model=head, objective={"name": "mlm_sbo", "params": {"tokenizer": "t"}}
     )

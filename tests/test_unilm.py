@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TEST_VOCAB, tiny_recipe, train_single_process, write_recipe
+from conftest import TEST_VOCAB, tiny_recipe, train_single_process, write_recipe
 
 from data_prep.instances.build import build_instances
 from data_prep.instances.unilm import attention_mask as instance_attention_mask
@@ -232,13 +232,6 @@ def test_loss_falls_on_unilm_instances(shards, tmp_path):
             ["objective.params", "seq2seq", "sum to 1"],
         ),
         ({"model": {"type_vocab_size": 0}}, ["model.type_vocab_size"]),
-        (
-            {
-                "parallel": {"pipeline_parallel": 2},
-                "train": {"deepspeed_config": str(REPO / "ds_configs/zero1.json")},
-            },
-            ["parallel.pipeline_parallel=2", "'unilm'"],
-        ),
         ({"objective": {"name": "unilm", "params": {"unit": "span"}}}, ["objective.params.unit"]),
     ],
 )

@@ -65,8 +65,9 @@ def _linear(in_features: int, out_features: int, std: float) -> nn.Linear:
 
 class SpanBoundaryHead(nn.Module):
     """SpanBERT's span-boundary objective: each token of a masked span [s, e) is predicted from the final
-    states of the tokens around the span, x[s-1] and x[e], and an embedding of its offset in the span,
-    through two GELU + LayerNorm layers and the tied output projection with its own bias.
+    states of the tokens around the span, x[s-1] and x[e], and an embedding of its offset in the span
+    (`model.span_offset_size` wide, concatenated with them as in SpanBERT's code, which uses 200), through
+    two GELU + LayerNorm layers and the tied output projection with its own bias.
 
     Called with `span_boundaries` [batch, seq, 2], the (left, right) boundary positions of each position
     predicted this way and -1 elsewhere; returns vocabulary-shard logits for those positions in row-major
@@ -76,11 +77,12 @@ class SpanBoundaryHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
-        h = cfg.hidden_size
-        self.offsets = nn.Embedding(cfg.max_position_embeddings, h)  # a span is shorter than the sequence
+        h, width = cfg.hidden_size, cfg.span_offset_size or cfg.hidden_size
+        self.offsets = nn.Embedding(cfg.max_position_embeddings, width)  # a span is shorter than the sequence
         nn.init.normal_(self.offsets.weight, std=cfg.init_std)
         self.act = activation(cfg.activation)
-        self.dense_in, self.ln_in = _linear(3 * h, h, cfg.init_std), nn.LayerNorm(h, eps=cfg.layernorm_eps)
+        self.dense_in = _linear(2 * h + width, h, cfg.init_std)
+        self.ln_in = nn.LayerNorm(h, eps=cfg.layernorm_eps)
         self.dense_out, self.ln_out = _linear(h, h, cfg.init_std), nn.LayerNorm(h, eps=cfg.layernorm_eps)
         self.output = spec.output_projection(h, cfg.padded_vocab_size, bias=True)
 

@@ -57,8 +57,6 @@ class Objective:
     # Terms that `loss_terms` adds when evaluating, each a slice of the first term's targets (UniLM: those
     # of each attention mode): reported per slice, never optimized nor added into the loss.
     breakdown_terms: ClassVar[tuple[str, ...]] = ()
-    # Why its model inputs cannot cross pipeline stages (plmscale.parallel.pipeline), if they cannot.
-    without_pipeline: ClassVar[str | None] = None
 
     def __init__(self, params: BaseModel, model_cfg):
         self.params, self.model_cfg = params, model_cfg

@@ -64,7 +64,6 @@ class UniLM(Objective):
     Params = UniLMParams
     instance_fields = frozenset({"tokens", "segments", "mode", "mask_positions", "mask_labels"})
     breakdown_terms = MODES
-    without_pipeline = "each sample's attention pattern does not travel between pipeline stages"
 
     def __init__(self, params: UniLMParams, model_cfg):
         super().__init__(params, model_cfg)

@@ -7,11 +7,14 @@ state dicts move between layouts by name. The `PipelineModule` holds one stage p
 keeps their word embeddings equal, broadcast at start and gradients all-reduced every step: the last stage's
 head projects onto the embedding.
 
-Between stages travels a tuple (hidden states, padding mask, target mask), an absent mask being an empty
-tensor. Only the hidden states are floating point, so only they receive gradients; the masks are int64, for
-which DeepSpeed sends no gradient. Shapes are announced per micro-batch (`dynamic_shape`), because training
-and held-out batches differ in the masks they carry. Labels reach the last stage only, where `loss_fn` turns
-the head's output into the objective's loss terms.
+Between stages travels a tuple (hidden states, padding mask, attention patterns, target mask, span boundaries,
+pair flag), an absent one being an empty tensor: what every stage's attention reads (UniLM's per-sample
+patterns) and what the last stage's heads read besides the hidden states (SpanBERT's boundary head the
+boundary positions; the pair head runs where the flag is set, on batches with pair labels).
+Only the hidden states are floating point, so only they receive gradients; the rest are int64, for which
+DeepSpeed sends no gradient. Shapes are announced per micro-batch (`dynamic_shape`), because training and
+held-out batches differ in what they carry. Labels reach the last stage only, where `loss_fn` turns the
+heads' output, the whole model's for the same inputs, into the objective's loss terms.
 """
 
 from __future__ import annotations
@@ -52,29 +55,37 @@ class PipelineStage(TransformerLM):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]):
         if self.part.embeddings:
-            input_ids, attention_mask, token_type_ids, target_mask = inputs
+            input_ids, attention_mask, token_type_ids, attention_pattern, *for_heads = inputs
             x = self.embed(input_ids, _present(token_type_ids))
         else:
-            x, attention_mask, target_mask = inputs
-        x = self.encode(x, _present(attention_mask))
+            x, attention_mask, attention_pattern, *for_heads = inputs
+        x = self.encode(x, _present(attention_mask), attention_pattern=_present(attention_pattern))
         if not self.part.head:
-            return x, attention_mask, target_mask
-        targets = _present(target_mask)
-        return self.output(x, None if targets is None else targets.bool(), self.pair_head is not None)
+            return x, attention_mask, attention_pattern, *for_heads
+        target_mask, span_boundaries, classify_pair = map(_present, for_heads)
+        targets = None if target_mask is None else target_mask.bool()
+        return self.output(x, targets, classify_pair is not None, span_boundaries)
 
 
-# The batch fields that reach the last stage as "labels": the targets, and the inputs too, which a
-# distillation teacher (whole, on the last stage's ranks) reads.
-_LABEL_FIELDS = ("labels", "pair_label", "input_ids", "attention_mask", "token_type_ids")
+# The batch fields that reach the last stage as "labels": the targets (SpanBERT's are where the span
+# boundaries say; UniLM's held-out loss is broken down by mode), and the inputs too, which a distillation
+# teacher (whole, on the last stage's ranks) reads.
+_LABEL_FIELDS = (
+    "labels", "pair_label", "span_boundaries", "mode", "input_ids", "attention_mask", "token_type_ids"
+)  # fmt: skip
 
 
 def pipeline_batch(objective: Objective, batch: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
     """(first stage's inputs, last stage's labels) of a micro-batch, in the engine's (inputs, labels) form."""
     inputs = objective.model_inputs(batch)
-    first = tuple(inputs.get(key, _ABSENT) for key in ("input_ids", "attention_mask", "token_type_ids"))
-    labels = tuple(batch.get(key, _ABSENT) for key in _LABEL_FIELDS)
+    first = [
+        inputs.get(key, _ABSENT)
+        for key in ("input_ids", "attention_mask", "token_type_ids", "attention_pattern")
+    ]
     target_mask = inputs["target_mask"].long() if "target_mask" in inputs else _ABSENT
-    return first + (target_mask,), labels
+    classify_pair = torch.ones(1, dtype=torch.long) if inputs.get("classify_pair") else _ABSENT
+    first += [target_mask, inputs.get("span_boundaries", _ABSENT), classify_pair]
+    return tuple(first), tuple(batch.get(key, _ABSENT) for key in _LABEL_FIELDS)
 
 
 def labels_batch(labels: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -83,14 +94,10 @@ def labels_batch(labels: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
 
 
 def last_stage_loss(loss: Callable[[object, dict], torch.Tensor]) -> Callable[[object, tuple], torch.Tensor]:
-    """The engine's `loss_fn(outputs, labels)` from a loss of (model outputs, batch): the last stage always
-    runs a model's pair head, whose logits only a batch with pair labels scores."""
+    """The engine's `loss_fn(outputs, labels)` from a loss of (model outputs, batch)."""
 
     def loss_fn(outputs, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        batch = labels_batch(labels)
-        if isinstance(outputs, tuple) and "pair_label" not in batch:
-            outputs = outputs[0]
-        return loss(outputs, batch)
+        return loss(outputs, labels_batch(labels))
 
     return loss_fn
 
