@@ -29,6 +29,7 @@ NOT_RUN = {
     "plmscale export --model runs/demo/electra/": "exports the ELECTRA run above",
     "plmscale eval --teacher runs/demo/bert_nsp/": "scores the NSP run (tests/test_heldout_units_pairs.py does)",
     "deepspeed ": "a second launch (tests/test_reshard.py converts checkpoints)",
+    "plmscale compress ": "minutes of fine-tuning and exports (tests/test_compress.py runs it on a tiny model)",
 }
 RECIPE = "launch/recipes/gpt_tiny.yaml"  # the README's RECIPE placeholder
 GPT_TRAINING = "launch/train.sh launch/recipes/gpt_tiny.yaml"
@@ -83,8 +84,8 @@ def test_readme_commands_not_run_are_the_expected_ones():
     assert starts == ["make test", "HOSTFILE=", "HOSTFILE=", "plmscale export --model runs/demo/roberta/",
                       "plmscale export --model runs/demo/albert/", "plmscale export --model runs/demo/electra/",
                       "deepspeed ", "scontrol ", "srun ", "python benchmarks/", "python benchmarks/",
-                      "bash benchmarks/", "bash benchmarks/", "plmscale eval --teacher runs/demo/bert_nsp/"
-                      ], skipped  # fmt: skip
+                      "bash benchmarks/", "bash benchmarks/", "plmscale eval --teacher runs/demo/bert_nsp/",
+                      "plmscale compress "], skipped  # fmt: skip
 
 
 def test_readme_commands_run_in_order_after_make_demo(tmp_path):
