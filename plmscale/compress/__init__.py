@@ -60,8 +60,8 @@ def add_compress_parser(subparsers) -> argparse.ArgumentParser:
     speed.add_argument("--threads", type=positive(int), help="CPU threads (default: torch's choice)")
     speed.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall",
-        help="time forward passes by wall clock, or by this process's CPU time (a machine shared with "
-        "other work)",
+        help="time forward passes by wall clock, or by this process's CPU time, steadier on a machine shared "
+        "with other work (a latency only with --threads 1: it sums every thread's time)",
     )  # fmt: skip
     tune = parser.add_argument_group("fine-tuning (with --task; as `plmscale finetune`)")
     tune.add_argument("--epochs", type=positive(int), default=defaults.epochs)

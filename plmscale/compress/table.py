@@ -175,12 +175,11 @@ def plot(rows: list[dict], path: Path) -> Path:
         for r in rows:
             color = f"C{models.index(r['model'])}"
             speed = r["batch32_tokens_per_s"] / reference
-            ax.scatter(speed, value(r), color=color, marker=markers[r["variant"]], s=50)
-            ax.annotate(f"{r['model']} {r['variant']}", (speed, value(r)), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")  # fmt: skip
+            label = f"{r['model']} {r['variant']}"
+            ax.scatter(speed, value(r), color=color, marker=markers[r["variant"]], s=50, label=label)
         if title.startswith("held-out"):
             ax.axhline(rows[0]["baseline_accuracy"], color="gray", linestyle=":", label="unigram baseline")
-            ax.legend()
+        ax.legend(fontsize=7)
         ax.set(xlabel="CPU speed at batch 32 (x the teacher's fp32)", ylabel=title, title=title)
         ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
