@@ -75,7 +75,8 @@ def example_inputs(names: list[str], cfg, batch: int = 2) -> tuple[torch.Tensor,
     input_ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[-1, seq // 2 :] = 0  # a padded row
-    token_type_ids = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
+    second = (torch.arange(seq) >= seq // 2) & (cfg.type_vocab_size >= 2)  # segment B where there is one
+    token_type_ids = second.long().expand(batch, seq).contiguous()
     return (input_ids, attention_mask, token_type_ids)[: len(names)]
 
 
