@@ -10,6 +10,7 @@
     plmscale fill-mask --model DIR --text TEXT         fill the [MASK]s of a text (encoder)
     plmscale finetune --model DIR --task DIR --output DIR   fine-tune and score on a downstream task
     plmscale prune --model DIR --heads K --ffn N --output DIR  prune heads, neurons, layers by importance
+    plmscale compress --model NAME=DIR ... --shards DIR --output DIR   int8 / ONNX variants in one table
     plmscale plan --gpt3 175B --nodes 128                layouts that fit a cluster, fastest first
     plmscale checkpoint info|convert RUN_DIR          a run's checkpoints; their layout-free state
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
     from data_prep.cli import add_prep_parser
+    from plmscale.compress import add_compress_parser
     from plmscale.eval import add_eval_parser
     from plmscale.export import add_export_parser, add_import_parser
     from plmscale.finetune import add_finetune_parser
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_inference_parsers(sub)
     add_finetune_parser(sub)
+    add_compress_parser(sub)
     add_plan_parser(sub)
     add_prune_parser(sub)
     add_checkpoint_parser(sub)

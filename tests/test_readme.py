@@ -31,6 +31,7 @@ NOT_RUN = {
     "deepspeed ": "a second launch (tests/test_reshard.py converts checkpoints)",
     "plmscale finetune --model runs/demo/tinybert_general/": "distills the general stage above, a pre-launch "
     "check here (tests/test_task_distill.py runs task distillation)",
+    "plmscale compress ": "minutes of fine-tuning and exports (tests/test_compress.py runs it on a tiny model)",
 }
 RECIPE = "launch/recipes/gpt_tiny.yaml"  # the README's RECIPE placeholder
 GPT_TRAINING = "launch/train.sh launch/recipes/gpt_tiny.yaml"
@@ -88,7 +89,7 @@ def test_readme_commands_not_run_are_the_expected_ones():
                       "plmscale export --model runs/demo/albert/", "plmscale export --model runs/demo/electra/",
                       "deepspeed ", "scontrol ", "srun ", "python benchmarks/", "python benchmarks/",
                       "bash benchmarks/", "bash benchmarks/", "plmscale eval --teacher runs/demo/bert_nsp/",
-                      "plmscale finetune --model runs/demo/tinybert_general/"], skipped  # fmt: skip
+                      "plmscale finetune --model runs/demo/tinybert_general/", "plmscale compress "], skipped  # fmt: skip
 
 
 def test_readme_commands_run_in_order_after_make_demo(tmp_path):

@@ -88,9 +88,11 @@ def default_device() -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: SequenceClassifier, features: Features, kind: TaskKind, batch_size: int) -> dict:
+def evaluate(
+    model: SequenceClassifier, features: Features, kind: TaskKind, batch_size: int, device=None
+) -> dict:
     model.eval()
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     targets = kind.targets(features.labels)
     predictions, loss_sum = [], 0.0
     for start in range(0, len(targets), batch_size):
