@@ -23,6 +23,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from plmscale.config import ModelConfig, RunConfig
+from plmscale.distill.cache import TEACHER_TOP_K
 from plmscale.model import TransformerLM
 from plmscale.model.transformer import ModelPart
 from plmscale.objectives import Objective
@@ -64,8 +65,8 @@ class PipelineStage(TransformerLM):
 
 
 # The batch fields that reach the last stage as "labels": the targets, and the inputs too, which a
-# distillation teacher (whole, on the last stage's ranks) reads.
-_LABEL_FIELDS = ("labels", "pair_label", "input_ids", "attention_mask", "token_type_ids")
+# distillation teacher (whole, on the last stage's ranks) reads, or its cached top-k logits.
+_LABEL_FIELDS = ("labels", "pair_label", "input_ids", "attention_mask", "token_type_ids", *TEACHER_TOP_K)
 
 
 def pipeline_batch(objective: Objective, batch: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
