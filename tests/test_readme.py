@@ -61,8 +61,10 @@ def how_to_run(command: str) -> str | None:
         procs = re.search(r"NUM_PROCS=(\d+)", env)
         recipe, *overrides = shlex.split(rest)
         world = procs[1] if procs else "2"
+        run = "distill" if "--distill" in overrides else "train"
+        overrides = [o for o in overrides if o != "--distill"]
         return shlex.join(
-            ["plmscale", "train", "--config", recipe, "--validate-only", "--world-size", world, *overrides]
+            ["plmscale", run, "--config", recipe, "--validate-only", "--world-size", world, *overrides]
         )
     for old, new in SHORTER.items():
         command = command.replace(old, new)

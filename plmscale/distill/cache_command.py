@@ -2,8 +2,8 @@
 and keep its top-k logits at every target (plmscale/distill/cache.py), for `distill.teacher_cache`.
 
     plmscale distill-cache --config launch/recipes/bert_tiny_distill.yaml --top-k 32 --output runs/demo/top32
-    deepspeed --num_gpus 8 --module plmscale.cli distill-cache --config RECIPE --top-k 32 --output DIR \\
-        --tensor-parallel 2          # 4 data-parallel groups share the chunks, the teacher cut in 2 in each
+    deepspeed --no_local_rank --num_gpus 8 --module plmscale.cli distill-cache --config RECIPE --top-k 32 \\
+        --output DIR --tensor-parallel 2     # 4 data-parallel groups share the chunks, the teacher cut in 2 in each
 
 The teacher runs in the recipe's precision (train.precision); under the deepspeed launcher the chunks are
 dealt round-robin to the data-parallel groups, rank 0 of each tensor-parallel group writing them, and rank 0
