@@ -23,7 +23,6 @@ import hashlib
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -51,16 +50,11 @@ def chunk_name(index: int) -> str:
 def fingerprints(batch: dict[str, torch.Tensor]) -> list[int]:
     """Per sample of a host batch, 64 bits of a hash of its inputs and labels."""
     fields = [batch[key].numpy() for key in _FINGERPRINTED if key in batch]
-    return [
-        int.from_bytes(
-            hashlib.blake2b(
-                b"".join(np.ascontiguousarray(f[j]).tobytes() for f in fields), digest_size=8
-            ).digest(),
-            "little",
-            signed=True,
-        )
+    digests = [
+        hashlib.blake2b(b"".join(field[j].tobytes() for field in fields), digest_size=8).digest()
         for j in range(len(batch["labels"]))
     ]
+    return [int.from_bytes(digest, "little", signed=True) for digest in digests]
 
 
 def recipe_fields(cfg: RunConfig, shards_manifest: dict) -> dict:
