@@ -3,6 +3,7 @@
     plmscale prep corpus|tokenizer|shards ...         offline data preparation (data_prep/)
     launch/train.sh RECIPE [key=value ...]             pre-train under the deepspeed launcher
     launch/train.sh RECIPE --distill                   distill a teacher into a smaller student
+    plmscale distill-cache --config RECIPE --top-k K --output DIR   the teacher's top-k logits, cached offline
     plmscale export --model DIR --format hf --output DIR
     plmscale import --format hf --input HF_DIR --output DIR [--tokenizer MODEL]
     plmscale eval --teacher DIR --student DIR --shards DIR ...
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from data_prep.cli import add_prep_parser
     from plmscale.compress import add_compress_parser
+    from plmscale.distill.cache_command import add_distill_cache_parser
     from plmscale.eval import add_eval_parser
     from plmscale.export import add_export_parser, add_import_parser
     from plmscale.finetune import add_finetune_parser
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--world-size", type=int, default=0, help="with --validate-only: processes to assume"
         )
         cmd.set_defaults(func=_run_training)
+    add_distill_cache_parser(sub)
     add_export_parser(sub)
     add_import_parser(sub)
     add_eval_parser(sub)

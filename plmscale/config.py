@@ -351,6 +351,11 @@ class DistillConfig(_Strict):
     losses: list[DistillLossConfig] | None = Field(
         None, description="weighted losses, e.g. [{name: logits, temperature: 2}, {name: hidden, weight: 1}]"
     )
+    teacher_cache: str | None = Field(
+        None,
+        description="a cache of the teacher's top-k logits (`plmscale distill-cache`), read instead of running "
+        "the teacher: logits and hard losses only",
+    )
 
     @model_validator(mode="after")
     def _losses_or_alpha(self) -> DistillConfig:
@@ -705,6 +710,11 @@ def _check_distill_losses(file: Path, config: RunConfig) -> None:
             validated_params(name, params, key)
         except ValueError as err:
             raise ConfigError(f"{file}: {err}") from None
+        if config.distill.teacher_cache and not loss_class(name, key).from_cache:
+            raise ConfigError(
+                f"{file}: {key}.name={name} reads the teacher's layers, which distill.teacher_cache "
+                "does not hold (its top-k logits only): needs the live teacher"
+            )
         if loss_class(name, key).internals and config.parallel.pipeline_parallel > 1:
             raise ConfigError(
                 f"{file}: {key}.name={name} reads the student's layers, which pipeline stages split: "

@@ -237,6 +237,13 @@ def check_teacher(cfg: RunConfig, shards: dict[str, Any]) -> None:
         )
     if file_sha256(teacher / model_dir.TOKENIZER) != shards["tokenizer"]["sha256"]:
         raise ConfigError(f"{key}: trained with another tokenizer than data.shards={cfg.data.shards}")
+    if cfg.distill.teacher_cache:
+        from plmscale.distill.cache import CacheError, check_cache
+
+        try:
+            check_cache(cfg, shards, verify=cfg.data.verify_checksums)
+        except CacheError as err:
+            raise ConfigError(str(err)) from None
 
 
 def check_output_dir(cfg: RunConfig) -> None:

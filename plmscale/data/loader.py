@@ -41,16 +41,20 @@ class SampleOrder:
         index = self._permutation(epoch)[offset] if self.shuffle else offset
         return self.sample(int(index), position)
 
-    def micro_batches(self, step: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches for optimizer step `step`."""
+    def positions(self, step: int, accumulation: int) -> list[range]:
+        """The global positions of this rank's micro-batches for optimizer step `step`."""
         per_micro = self.micro_batch_size * self.dp_size
         base = step * per_micro * accumulation + self.dp_rank * self.micro_batch_size
-        batches = []
-        for micro in range(accumulation):
-            first = base + micro * per_micro
-            examples = [self.example(first + j) for j in range(self.micro_batch_size)]
-            batches.append({k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]})
-        return batches
+        firsts = (base + micro * per_micro for micro in range(accumulation))
+        return [range(first, first + self.micro_batch_size) for first in firsts]
+
+    def batch(self, positions: range) -> dict[str, torch.Tensor]:
+        examples = [self.example(position) for position in positions]
+        return {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+
+    def micro_batches(self, step: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for optimizer step `step`."""
+        return [self.batch(positions) for positions in self.positions(step, accumulation)]
 
 
 class BatchSource(SampleOrder):

@@ -50,12 +50,13 @@ class Distillation:
     def __init__(
         self,
         cfg: DistillConfig,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         objective: Objective,
         losses: list[tuple[float, DistillLoss]],
     ):
         self.cfg, self.objective = cfg, objective
-        self.teacher = teacher.eval().requires_grad_(False)
+        # None with a teacher cache: the teacher's top-k logits come with the batch
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         names = term_names([loss.name for _, loss in losses])
         self.losses: dict[str, tuple[float, DistillLoss]] = dict(zip(names, losses, strict=True))
         # Learned parameters of the losses (projections), trained with the student: empty for most runs.
@@ -70,7 +71,7 @@ class Distillation:
     def from_config(
         cls,
         cfg: DistillConfig,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         teacher_cfg: ModelConfig,
         student_cfg: ModelConfig,
         objective: Objective,
@@ -89,14 +90,16 @@ class Distillation:
     def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], spec) -> dict[str, LossTerm]:
         student, self._pending = self._pending or Capture(), None
         teacher = Capture(*self._teacher_request) if self._teacher_request else None
-        with torch.no_grad():
-            teacher_logits = self.teacher(**self.objective.model_inputs(batch), capture=teacher)
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**self.objective.model_inputs(batch), capture=teacher)
         mask = batch.get("attention_mask")
         views = Views(
             batch=batch,
             objective=self.objective,
             spec=spec,
-            teacher_spec=self.teacher.spec,
+            teacher_spec=self.teacher.spec if self.teacher is not None else spec,
             logits=logits,
             teacher_logits=teacher_logits,
             student=student,

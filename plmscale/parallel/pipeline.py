@@ -26,6 +26,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from plmscale.config import ModelConfig, RunConfig
+from plmscale.distill.cache import TEACHER_TOP_K
 from plmscale.model import TransformerLM
 from plmscale.model.transformer import ModelPart
 from plmscale.objectives import Objective
@@ -69,9 +70,10 @@ class PipelineStage(TransformerLM):
 
 # The batch fields that reach the last stage as "labels": the targets (SpanBERT's are where the span
 # boundaries say; UniLM's held-out loss is broken down by mode), and the inputs too, which a distillation
-# teacher (whole, on the last stage's ranks) reads.
+# teacher (whole, on the last stage's ranks) reads, or its cached top-k logits.
 _LABEL_FIELDS = (
-    "labels", "pair_label", "span_boundaries", "mode", "input_ids", "attention_mask", "token_type_ids"
+    "labels", "pair_label", "span_boundaries", "mode", "input_ids", "attention_mask", "token_type_ids",
+    *TEACHER_TOP_K,
 )  # fmt: skip
 
 

@@ -24,9 +24,10 @@ import torch.distributed as dist
 
 from plmscale import model_dir
 from plmscale.config import RunConfig, save_config
-from plmscale.data import BatchSource, InstanceBatchSource, InstanceSet, PackedStream
 from plmscale.data.loader import Prefetched, SampleOrder
+from plmscale.data.sources import sample_order
 from plmscale.distill import Distillation, default_student_layers, student_state_from_teacher
+from plmscale.distill.cache import TeacherCache, WithTeacherTopK
 from plmscale.distill.loss import term_counts
 from plmscale.distill.student import check_student_config
 from plmscale.manifest import tokenizer_path
@@ -134,6 +135,8 @@ class Trainer:
         # Ranks that hold one copy of each loss value: TP rank 0 of the last stage in each pipeline.
         self.reports_loss = self.topo.is_last_stage and self.topo.tp_rank == 0
         train_batches = self._batch_source(cfg.data.train_split, shuffle=True)
+        if cfg.distill and cfg.distill.teacher_cache:  # the teacher's top-k logits come with each batch
+            train_batches = WithTeacherTopK(train_batches, TeacherCache(cfg.distill.teacher_cache))
         pinned = self.device.type != "cpu"  # page-locked: asynchronous copies to the device
         self.train_data = Prefetched(train_batches, cfg.train.train_steps, pinned)
         self.valid_data = self._batch_source(cfg.data.valid_split, shuffle=False)
@@ -146,14 +149,7 @@ class Trainer:
         return str(tokenizer_path(check_data(self.cfg, verify=False)))
 
     def _batch_source(self, split: str, shuffle: bool) -> SampleOrder:
-        t, data = self.cfg.train, self.cfg.data
-        order = (t.micro_batch_size, self.topo.dp_size, self.topo.dp_rank, t.seed, shuffle)
-        held_out = data.eval_instances if split == data.valid_split else None
-        if held_out or (data.instances and split == data.train_split):
-            instances = InstanceSet(held_out or data.instances, verify=False)  # verified before launch
-            return InstanceBatchSource(instances, data.seq_length, *order, objective=self.objective)
-        stream = PackedStream.from_manifest(data.shards, split, verify=False)
-        return BatchSource(stream, self.objective, data.seq_length, *order)
+        return sample_order(self.cfg, self.objective, split, shuffle, self.topo.dp_size, self.topo.dp_rank)
 
     def _set_up_distillation(self, dtype: torch.dtype) -> Distillation | None:
         """Teacher built with the same tensor parallelism, student initialized from its layers (or from
@@ -179,9 +175,11 @@ class Trainer:
                 )
         if not self.topo.is_last_stage:
             return None
-        teacher = build_parallel_model(teacher_cfg)
-        load_full_state_dict(teacher, teacher_state)
-        teacher.to(device=device(), dtype=dtype)
+        teacher = None  # with a cache of its top-k logits, the teacher does not run
+        if not d.teacher_cache:
+            teacher = build_parallel_model(teacher_cfg)
+            load_full_state_dict(teacher, teacher_state)
+            teacher.to(device=device(), dtype=dtype)
         distillation = Distillation.from_config(d, teacher, teacher_cfg, self.cfg.model, self.objective)
         if len(distillation.trainable):  # only without pipeline stages (see plmscale.config)
             self.model.add_module(DISTILL_MODULES, distillation.trainable)

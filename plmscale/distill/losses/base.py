@@ -56,14 +56,15 @@ def layer_pairs(
 @dataclass
 class Views:
     """One micro-batch seen by the student and its teacher. Logits are vocabulary shards (at the target
-    positions); captures hold this rank's heads. `tokens` is the [batch, seq] mask of real tokens."""
+    positions); captures hold this rank's heads. `tokens` is the [batch, seq] mask of real tokens. With a
+    teacher cache, `teacher_logits` is None and the batch holds the teacher's top-k (plmscale/distill/cache.py)."""
 
     batch: dict[str, torch.Tensor]
     objective: Objective
     spec: LayerSpec
     teacher_spec: LayerSpec
     logits: torch.Tensor
-    teacher_logits: torch.Tensor
+    teacher_logits: torch.Tensor | None
     student: Capture
     teacher: Capture
     tokens: torch.Tensor
@@ -77,6 +78,8 @@ class DistillLoss(nn.Module):
     per: ClassVar[Literal["targets", "tokens"]] = "tokens"
     # Reads the student's internals: the whole student must run in this process (no pipeline stages).
     internals: ClassVar[bool] = True
+    # Needs of the teacher no more than its top-k logits, which an offline cache holds (distill.teacher_cache).
+    from_cache: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel, student: ModelConfig, teacher: ModelConfig, key: str):
         super().__init__()
