@@ -16,6 +16,7 @@ from deepspeed.accelerator import get_accelerator
 
 from plmscale.data.packed import PackedStream
 from plmscale.objectives import Objective
+from plmscale.objectives.base import with_target_positions
 
 
 class SampleOrder:
@@ -42,14 +43,16 @@ class SampleOrder:
         return self.sample(int(index), position)
 
     def micro_batches(self, step: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches for optimizer step `step`."""
+        """This rank's micro-batches for optimizer step `step`, with their target positions (found here, on
+        the host: see `with_target_positions`)."""
         per_micro = self.micro_batch_size * self.dp_size
         base = step * per_micro * accumulation + self.dp_rank * self.micro_batch_size
         batches = []
         for micro in range(accumulation):
             first = base + micro * per_micro
             examples = [self.example(first + j) for j in range(self.micro_batch_size)]
-            batches.append({k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]})
+            batch = {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+            batches.append(with_target_positions(batch))
         return batches
 
 

@@ -7,9 +7,10 @@ state dicts move between layouts by name. The `PipelineModule` holds one stage p
 keeps their word embeddings equal, broadcast at start and gradients all-reduced every step: the last stage's
 head projects onto the embedding.
 
-Between stages travels a tuple (hidden states, padding mask, target mask), an absent mask being an empty
-tensor. Only the hidden states are floating point, so only they receive gradients; the masks are int64, for
-which DeepSpeed sends no gradient. Shapes are announced per micro-batch (`dynamic_shape`), because training
+Between stages travels a tuple (hidden states, padding mask, target positions), an absent mask being an
+empty tensor; all positions (as many as the batch has) say the head runs everywhere. Only the hidden states
+are floating point, so only they receive gradients; the others are int64, for which DeepSpeed sends no
+gradient. Shapes are announced per micro-batch (`dynamic_shape`), because training
 and held-out batches differ in the masks they carry. Labels reach the last stage only, where `loss_fn` turns
 the head's output into the objective's loss terms.
 """
@@ -26,6 +27,7 @@ from plmscale.config import ModelConfig, RunConfig
 from plmscale.model import TransformerLM
 from plmscale.model.transformer import ModelPart
 from plmscale.objectives import Objective
+from plmscale.objectives.base import TARGET_POSITIONS, target_positions
 from plmscale.parallel.distributed import Topology
 from plmscale.parallel.tensor_parallel import MegatronLayers
 
@@ -52,20 +54,20 @@ class PipelineStage(TransformerLM):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]):
         if self.part.embeddings:
-            input_ids, attention_mask, token_type_ids, target_mask = inputs
+            input_ids, attention_mask, token_type_ids, positions = inputs
             x = self.embed(input_ids, _present(token_type_ids))
         else:
-            x, attention_mask, target_mask = inputs
+            x, attention_mask, positions = inputs
         x = self.encode(x, _present(attention_mask))
         if not self.part.head:
-            return x, attention_mask, target_mask
-        targets = _present(target_mask)
-        return self.output(x, None if targets is None else targets.bool(), self.pair_head is not None)
+            return x, attention_mask, positions
+        everywhere = positions.numel() == x.shape[0] * x.shape[1]  # a shape: no synchronization
+        return self.output(x, None if everywhere else positions, self.pair_head is not None)
 
 
-# The batch fields that reach the last stage as "labels": the targets, and the inputs too, which a
-# distillation teacher (whole, on the last stage's ranks) reads.
-_LABEL_FIELDS = ("labels", "pair_label", "input_ids", "attention_mask", "token_type_ids")
+# The batch fields that reach the last stage as "labels": the targets and their positions, and the inputs
+# too, which a distillation teacher (whole, on the last stage's ranks) reads.
+_LABEL_FIELDS = ("labels", "pair_label", "input_ids", "attention_mask", "token_type_ids", TARGET_POSITIONS)
 
 
 def pipeline_batch(objective: Objective, batch: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
@@ -73,8 +75,7 @@ def pipeline_batch(objective: Objective, batch: dict[str, torch.Tensor]) -> tupl
     inputs = objective.model_inputs(batch)
     first = tuple(inputs.get(key, _ABSENT) for key in ("input_ids", "attention_mask", "token_type_ids"))
     labels = tuple(batch.get(key, _ABSENT) for key in _LABEL_FIELDS)
-    target_mask = inputs["target_mask"].long() if "target_mask" in inputs else _ABSENT
-    return first + (target_mask,), labels
+    return first + (target_positions(batch),), labels
 
 
 def labels_batch(labels: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
