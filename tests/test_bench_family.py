@@ -38,7 +38,8 @@ def _inputs(cfg) -> dict:
     seq = cfg.data.seq_length
     boundaries = torch.from_numpy(np.stack([span_boundaries(SPANS, seq)] * 2))
     targets = boundaries[..., 0] >= 0
-    inputs = {"input_ids": torch.randint(5, cfg.model.vocab_size, (2, seq)), "target_mask": targets}
+    positions = targets.flatten().nonzero().squeeze(1)
+    inputs = {"input_ids": torch.randint(5, cfg.model.vocab_size, (2, seq)), "target_positions": positions}
     if cfg.model.generator_hidden_fraction is not None:
         return inputs | {"sample_seed": 1}
     if cfg.model.span_boundary_head:

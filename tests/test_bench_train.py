@@ -45,12 +45,13 @@ def test_quick_benchmark_prints_both_families_against_their_peers(shards):
         ("GPT", "plmscale"), ("GPT", "GPT2LMHeadModel"),
         ("BERT", "plmscale"), ("BERT", "MegatronBertForMaskedLM"), ("BERT", "BertForMaskedLM"),
     }  # fmt: skip
-    for shape, name, tokens_per_s, step_ms, cpu_ms, mfu, memory, ratio in speed:
+    for shape, name, tokens_per_s, step_ms, cpu_ms, mfu, memory, ratio, cpu_ratio in speed:
         assert _number(tokens_per_s) > 0 and _number(step_ms) > 0 and _number(cpu_ms) > 0, name
         assert _number(mfu) > 0 and _number(memory) > 50, name
-        # the ratio column is plmscale's tokens/s over this row's
-        ours = next(_number(row[2]) for row in speed if row[0] == shape and row[1] == "plmscale")
-        assert _number(ratio) == pytest.approx(ours / _number(tokens_per_s), rel=0.02, abs=0.01)
+        # the ratio columns are plmscale's tokens/s over this row's, and this row's CPU ms over plmscale's
+        ours = next(row for row in speed if row[0] == shape and row[1] == "plmscale")
+        assert _number(ratio) == pytest.approx(_number(ours[2]) / _number(tokens_per_s), rel=0.02, abs=0.01)
+        assert _number(cpu_ratio) == pytest.approx(_number(cpu_ms) / _number(ours[4]), rel=0.02, abs=0.01)
 
     phases = _rows(report, "| shape | data |")
     assert [row[0].split()[0] for row in phases] == ["GPT", "BERT"]

@@ -54,7 +54,7 @@ def test_samples_replace_the_masked_tokens_only(shards):
         generator_logits, rtd_logits, corrupted = model(**inputs)
         again = model(**inputs)[2]
         other = model(**(inputs | {"sample_seed": inputs["sample_seed"] + 1}))[2]
-    masked = inputs["target_mask"]
+    masked = batch["labels"] != IGNORE_INDEX
     assert generator_logits.shape == (int(masked.sum()), CFG.padded_vocab_size) and rtd_logits.shape == (
         8,
         64,

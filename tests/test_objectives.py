@@ -10,8 +10,10 @@ from plmscale.config import ModelConfig
 from plmscale.data import BatchSource, PackedStream
 from plmscale.data.loader import Prefetched
 from plmscale.manifest import load_manifest, split_prefixes
+from plmscale.model import TransformerLM
 from plmscale.objectives import IGNORE_INDEX, available, get_objective
 from plmscale.tokenizer import CLS_ID, MASK_ID, SEP_ID
+from plmscale.training.trainer import StepTotals
 
 ENCODER = ModelConfig(kind="encoder", vocab_size=1000, hidden_size=32, num_layers=1, num_heads=2,
                       max_position_embeddings=512)  # fmt: skip
@@ -111,3 +113,58 @@ def test_prefetched_batches_are_the_sources_whatever_the_order_of_steps(shards):
         pairs = list(zip(got, expected, strict=True))
         assert len(pairs) == 2 and all(torch.equal(g[k], e[k]) for g, e in pairs for k in e), step
     assert prefetched.ahead is None  # step 5 is the last
+
+
+def _host_batch(shards, objective):
+    """A micro-batch of 4 x 64 as the trainer gets it: built by the loader, on the host."""
+    stream = PackedStream.from_manifest(shards, "train")
+    return BatchSource(stream, objective, 64, 4, dp_size=1, dp_rank=0, seed=3).micro_batches(0, 1)[0]
+
+
+@pytest.mark.parametrize("name, cfg", [("mlm", ENCODER), ("causal_lm", DECODER)])
+def test_the_training_step_reads_no_value_back_from_the_device(shards, name, cfg):
+    """The step as the trainer runs it (inputs chosen on the host, batch moved, forward, loss terms, backward)
+    on the meta device, which holds no values: an op that needs one on the host (a boolean selection, whose
+    size comes from `nonzero`, `.item()`) raises there. On an accelerator, the step never waits for it."""
+    cfg = cfg.model_copy(update={"vocab_size": TEST_VOCAB})
+    objective = get_objective(name, {}, cfg)
+    host = _host_batch(shards, objective)
+    inputs = {k: v.to("meta") for k, v in objective.model_inputs(host).items()}
+    batch = {k: v.to("meta") for k, v in host.items()}
+    model = TransformerLM(cfg).to("meta")
+    totals = StepTotals(lambda outputs, b, count_correct: objective.loss_terms(outputs, b, model.spec))
+    counts = objective.target_counts(host)
+    totals.start({name: 1 / counts[name]})
+    totals(model(**inputs), batch).backward()
+    assert totals.counts == counts and counts[name] == int((host["labels"] != IGNORE_INDEX).sum())
+    assert model.layers["0"].attn.qkv.weight.grad.is_meta
+    # The check fails where a size is data-dependent: a batch without its host-found positions.
+    without = {k: v for k, v in batch.items() if k != "target_positions"}
+    with pytest.raises(NotImplementedError):
+        objective.model_inputs(without)
+
+
+def test_mlm_loss_from_host_positions_is_the_boolean_selections(shards):
+    """The head at the loader's target positions gives the loss and gradients of the head run everywhere
+    and the targets selected by a boolean mask (what the step computed before), within 1e-6."""
+    cfg = ENCODER.model_copy(update={"vocab_size": TEST_VOCAB})
+    mlm = get_objective("mlm", {}, cfg)
+    batch = _host_batch(shards, mlm)
+    chosen = batch["labels"] != IGNORE_INDEX
+    assert torch.equal(batch["target_positions"], chosen.flatten().nonzero().squeeze(1))
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).eval()  # no dropout: both passes see the same network
+    losses, grads = [], []
+    for selected in (True, False):
+        model.zero_grad()
+        if selected:
+            loss_sum, count = mlm.loss(model(**mlm.model_inputs(batch)), batch, model.spec)
+        else:
+            logits = model(batch["input_ids"])[chosen]
+            loss_sum, count = model.spec.cross_entropy(logits, batch["labels"][chosen]).sum(), len(logits)
+        loss_sum.backward()
+        losses.append(loss_sum.detach() / count)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert count == len(batch["target_positions"])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)

@@ -67,9 +67,9 @@ def test_stages_built_as_parts_hold_and_compute_what_the_whole_model_does():
     x = stages[0].embed(batch["input_ids"])
     for stage in stages:
         x = stage.encode(x, batch["attention_mask"])
-    target_mask = batch["labels"] != IGNORE_INDEX
-    assert torch.equal(stages[-1].output(x, target_mask), whole(batch["input_ids"], batch["attention_mask"],
-                                                                target_mask=target_mask))  # fmt: skip
+    positions = (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+    assert torch.equal(stages[-1].output(x, positions), whole(batch["input_ids"], batch["attention_mask"],
+                                                              target_positions=positions))  # fmt: skip
 
 
 @pytest.mark.parametrize("layernorm", ["pre", "post"])  # post: BERT's, RoBERTa's (embedding LayerNorm too)

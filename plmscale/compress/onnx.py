@@ -188,10 +188,10 @@ class OnnxLM:
         feeds = self.session.feeds(input_ids, attention_mask, token_type_ids)
         return self.session.run(["hidden_states"], feeds)[0]
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, target_mask=None):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, target_positions=None):
         feeds = self.session.feeds(input_ids, attention_mask, token_type_ids)
         logits = self.session.run(["logits"], feeds)[0]
-        return logits if target_mask is None else logits[target_mask]
+        return logits if target_positions is None else logits.flatten(0, 1).index_select(0, target_positions)
 
     def parameters(self):
         return iter(())  # counted on the PyTorch model the file was exported from

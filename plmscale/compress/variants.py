@@ -14,7 +14,7 @@ from torch import nn
 from plmscale.compress import VARIANTS
 from plmscale.compress.int8 import load_int8, quantize_int8, save_int8
 from plmscale.compress.onnx import ONNX_FILE, OnnxClassifier, OnnxLM, export_onnx, quantize_onnx
-from plmscale.objectives import IGNORE_INDEX
+from plmscale.objectives.base import target_positions
 
 
 class Deployment:
@@ -55,9 +55,9 @@ def logit_parity(reference: nn.Module, variant, batch: dict[str, torch.Tensor]) 
     """Max |logit difference| from the fp32 model at the targets of a held-out batch, and the share of those
     targets where both predict the same token (top-1 agreement)."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    target_mask = batch["labels"] != IGNORE_INDEX
-    ours = reference(**inputs, target_mask=target_mask).float()
-    theirs = variant(**inputs, target_mask=target_mask).float()
+    positions = target_positions(batch)
+    ours = reference(**inputs, target_positions=positions).float()
+    theirs = variant(**inputs, target_positions=positions).float()
     return {
         "max_logit_difference": (ours - theirs).abs().max().item(),
         "top1_agreement": (ours.argmax(-1) == theirs.argmax(-1)).double().mean().item(),

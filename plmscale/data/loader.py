@@ -16,6 +16,7 @@ from deepspeed.accelerator import get_accelerator
 
 from plmscale.data.packed import PackedStream
 from plmscale.objectives import Objective
+from plmscale.objectives.base import with_target_positions
 
 
 class SampleOrder:
@@ -49,8 +50,12 @@ class SampleOrder:
         return [range(first, first + self.micro_batch_size) for first in firsts]
 
     def batch(self, positions: range) -> dict[str, torch.Tensor]:
+        """The examples at `positions`, with their target positions (found here, on the host: see
+        `with_target_positions`)."""
         examples = [self.example(position) for position in positions]
-        return {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+        return with_target_positions(
+            {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+        )
 
     def micro_batches(self, step: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for optimizer step `step`."""

@@ -45,7 +45,8 @@ class LanguageModel:
         @torch.no_grad()
         def logits_at(input_ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
             # the head runs only where asked: the vocabulary projection is a small model's costliest matmul
-            return model(input_ids, target_mask=where)[:, :vocab].float()
+            positions = where.flatten().nonzero().squeeze(1)
+            return model(input_ids, target_positions=positions)[:, :vocab].float()
 
         return cls(
             kind=model.cfg.kind,

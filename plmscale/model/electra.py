@@ -56,17 +56,19 @@ class Generator(nn.Module):
         self,
         embedded: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        target_mask: torch.Tensor,
+        target_positions: torch.Tensor,
         embedding_weight: torch.Tensor,
     ) -> torch.Tensor:
         x = self.project(embedded) if self.project is not None else embedded
-        return self.head(self.trunk.encode(x, attention_mask)[target_mask], embedding_weight)
+        hidden = self.trunk.encode(x, attention_mask).flatten(0, 1).index_select(0, target_positions)
+        return self.head(hidden, embedding_weight)
 
 
 class Electra(nn.Module):
     """Discriminator and generator. `forward` takes the masked input ids, the positions to fill
-    (`target_mask`) and a seed for the samples, and returns (generator logits at those positions, as
-    vocabulary shards; discriminator logits [batch, seq]; the input ids the discriminator saw)."""
+    (`target_positions`, flat over [batch, seq], ascending) and a seed for the samples, and returns
+    (generator logits at those positions, as vocabulary shards; discriminator logits [batch, seq]; the input
+    ids the discriminator saw)."""
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec | None = None):
         super().__init__()
@@ -85,7 +87,7 @@ class Electra(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        target_mask: torch.Tensor,
+        target_positions: torch.Tensor,
         sample_seed: int,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
@@ -94,8 +96,11 @@ class Electra(nn.Module):
         embedded = disc.embed(input_ids, token_type_ids)
         # the tied weight is read after the embedding ran, as `TransformerLM.output` reads it: ZeRO-3 then
         # gathers it for this module instead of releasing it with the embedding
-        generator_logits = self.generator(embedded, attention_mask, target_mask, disc.word_embeddings.weight)
-        corrupted = input_ids.masked_scatter(target_mask, self.sample(generator_logits, sample_seed))
+        generator_logits = self.generator(
+            embedded, attention_mask, target_positions, disc.word_embeddings.weight
+        )
+        samples = self.sample(generator_logits, sample_seed)
+        corrupted = input_ids.flatten().index_copy(0, target_positions, samples).view_as(input_ids)
         return generator_logits, disc(corrupted, attention_mask, token_type_ids), corrupted
 
     @torch.no_grad()
@@ -113,7 +118,7 @@ class Electra(nn.Module):
 class GeneratorMaskedLM(nn.Module):
     """ELECTRA's generator alone, as a masked LM over the shared embeddings: vocabulary-shard logits
     [batch, seq, vocab] at every position (what transformers' `ElectraForMaskedLM` computes), or
-    [targets, vocab] at those of `target_mask`, as `TransformerLM` gives them (fill-mask)."""
+    [targets, vocab] at the `target_positions`, as `TransformerLM` gives them (fill-mask)."""
 
     def __init__(self, electra: Electra):
         super().__init__()
@@ -124,13 +129,15 @@ class GeneratorMaskedLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        target_mask: torch.Tensor | None = None,
+        target_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         disc = self.electra.discriminator
-        where = torch.ones_like(input_ids, dtype=torch.bool) if target_mask is None else target_mask
+        where = target_positions
+        if target_positions is None:  # every position
+            where = torch.arange(input_ids.numel(), device=input_ids.device)
         embedded = disc.embed(input_ids, token_type_ids)
         logits = self.electra.generator(embedded, attention_mask, where, disc.word_embeddings.weight)
-        return logits.view(*input_ids.shape, -1) if target_mask is None else logits
+        return logits.view(*input_ids.shape, -1) if target_positions is None else logits
 
 
 def build_model(cfg: ModelConfig, spec: LayerSpec | None = None) -> TransformerLM | Electra:

@@ -171,8 +171,9 @@ class TransformerLM(nn.Module):
     """Embeddings -> blocks -> final LayerNorm (pre-LN) -> head tied to the word embedding.
 
     Returns vocabulary-shard logits; the spec's `cross_entropy` / `gather_logits` consume them. With
-    `target_mask`, the head runs only where it is True and returns [targets, vocab]: MLM predicts ~15 % of
-    positions, and the vocabulary projection is the costliest matmul of a small model. With `classify_pair`
+    `target_positions` (flat positions over [batch, seq], ascending), the head runs only there and returns
+    [targets, vocab]: MLM predicts ~15 % of positions, and the vocabulary projection is the costliest matmul
+    of a small model. Positions, not a boolean mask: gathering them needs no device-to-host synchronization. With `classify_pair`
     (a model with `pair_head`), returns (those logits, [batch, 2] pair logits from the first position);
     `attention_pattern` gives each sample its own attention mask (UniLM's modes, `patterned_attention`);
     with `span_boundaries` (a model with `span_boundary_head`), the span-boundary logits come last.
@@ -277,7 +278,7 @@ class TransformerLM(nn.Module):
     def output(
         self,
         x: torch.Tensor,
-        target_mask: torch.Tensor | None = None,
+        target_positions: torch.Tensor | None = None,
         classify_pair: bool = False,
         span_boundaries: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -289,8 +290,8 @@ class TransformerLM(nn.Module):
         extra = [self.pair_head(hidden[:, 0])] if classify_pair else []
         if span_boundaries is not None:
             extra.append(self.span_boundary_head(hidden, span_boundaries, self.word_embeddings.weight))
-        if target_mask is not None:
-            hidden = hidden[target_mask]
+        if target_positions is not None:
+            hidden = hidden.flatten(0, 1).index_select(0, target_positions)
         logits = self.head(hidden, self.word_embeddings.weight)
         return (logits, *extra) if extra else logits
 
@@ -317,11 +318,11 @@ class TransformerLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        target_mask: torch.Tensor | None = None,
+        target_positions: torch.Tensor | None = None,
         classify_pair: bool = False,
         span_boundaries: torch.Tensor | None = None,
         capture: Capture | None = None,
         attention_pattern: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         x = self.encode(self.embed(input_ids, token_type_ids), attention_mask, capture, attention_pattern)
-        return self.output(x, target_mask, classify_pair, span_boundaries)
+        return self.output(x, target_positions, classify_pair, span_boundaries)

@@ -9,6 +9,23 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 IGNORE_INDEX = -100
+# The batch field of the targets' flat positions, which the loader adds on the host (`with_target_positions`).
+TARGET_POSITIONS = "target_positions"
+
+
+def target_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The flat positions (row-major over [batch, seq], ascending) of the labels that are targets: those the
+    loader found, or found here, for a batch built by hand (on an accelerator, a synchronization: `nonzero`
+    reads its size back to the host)."""
+    if TARGET_POSITIONS in batch:
+        return batch[TARGET_POSITIONS]
+    return (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+
+def with_target_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` with its target positions, found on the host where the loader builds it: then neither the
+    head's selection nor the loss's labels make the device wait for the host."""
+    return batch | {TARGET_POSITIONS: target_positions(batch)}
 
 
 class NoParams(BaseModel):
@@ -84,7 +101,7 @@ class Objective:
 
     @staticmethod
     def target_count(batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"] != IGNORE_INDEX).sum())
+        return target_positions(batch).numel()
 
     def target_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         """Targets of each loss term (see `loss_terms`), counted before the forward pass."""
@@ -92,13 +109,14 @@ class Objective:
 
     @staticmethod
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Forward arguments; the head runs at the positions of `target_mask` only (see
-        `TransformerLM.forward`), or everywhere when every position is a target (causal LM): then there
-        is nothing to index, and no device-to-host synchronization for the size of a boolean selection.
-        Called on the batch before it moves to the device, the check costs nothing."""
+        """Forward arguments; the head runs at the `target_positions` only (see `TransformerLM.output`), or
+        everywhere when every position is a target (causal LM): then there is nothing to gather. Decided by
+        the positions' number, a shape: no device-to-host synchronization, wherever the batch is."""
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        target_mask = batch["labels"] != IGNORE_INDEX
-        return inputs if bool(target_mask.all()) else inputs | {"target_mask": target_mask}
+        positions = target_positions(batch)
+        if positions.numel() == batch["labels"].numel():
+            return inputs
+        return inputs | {TARGET_POSITIONS: positions}
 
     @staticmethod
     def targets(batch: dict[str, torch.Tensor], logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,7 +126,7 @@ class Objective:
         labels = batch["labels"]
         if logits is not None and logits.dim() == labels.dim() + 1:
             return labels
-        return labels[labels != IGNORE_INDEX]
+        return labels.flatten().index_select(0, target_positions(batch))
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], spec) -> tuple[torch.Tensor, int]:
         """(summed token loss, number of targets) from vocabulary-shard logits at the target positions."""

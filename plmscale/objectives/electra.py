@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from plmscale.objectives import register
-from plmscale.objectives.base import IGNORE_INDEX, LossTerm
+from plmscale.objectives.base import IGNORE_INDEX, LossTerm, target_positions
 from plmscale.objectives.mlm import MaskedLM, MLMParams
 
 
@@ -68,10 +68,10 @@ class ReplacedTokenDetection(MaskedLM):
 
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict:
         """The micro-batch's samples are drawn from its first example's seed; the generator runs at the
-        masked positions only, so `target_mask` is always passed."""
+        masked positions only, so `target_positions` are always passed."""
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         return inputs | {
-            "target_mask": batch["labels"] != IGNORE_INDEX,
+            "target_positions": target_positions(batch),
             "sample_seed": int(batch["sample_seed"].reshape(-1)[0]),
         }
 

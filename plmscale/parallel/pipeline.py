@@ -7,14 +7,15 @@ state dicts move between layouts by name. The `PipelineModule` holds one stage p
 keeps their word embeddings equal, broadcast at start and gradients all-reduced every step: the last stage's
 head projects onto the embedding.
 
-Between stages travels a tuple (hidden states, padding mask, attention patterns, target mask, span boundaries,
-pair flag), an absent one being an empty tensor: what every stage's attention reads (UniLM's per-sample
-patterns) and what the last stage's heads read besides the hidden states (SpanBERT's boundary head the
-boundary positions; the pair head runs where the flag is set, on batches with pair labels).
-Only the hidden states are floating point, so only they receive gradients; the rest are int64, for which
-DeepSpeed sends no gradient. Shapes are announced per micro-batch (`dynamic_shape`), because training and
-held-out batches differ in what they carry. Labels reach the last stage only, where `loss_fn` turns the
-heads' output, the whole model's for the same inputs, into the objective's loss terms.
+Between stages travels a tuple (hidden states, padding mask, attention patterns, target positions, span
+boundaries, pair flag), an absent one being an empty tensor: what every stage's attention reads (UniLM's
+per-sample patterns) and what the last stage's heads read besides the hidden states (the flat positions of
+the targets, where the MLM head runs: all of them, as many as the batch has, say it runs everywhere;
+SpanBERT's boundary head the boundary positions; the pair head runs where the flag is set, on batches with
+pair labels). Only the hidden states are floating point, so only they receive gradients; the rest are int64,
+for which DeepSpeed sends no gradient. Shapes are announced per micro-batch (`dynamic_shape`), because
+training and held-out batches differ in what they carry. Labels reach the last stage only, where `loss_fn`
+turns the heads' output, the whole model's for the same inputs, into the objective's loss terms.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from plmscale.distill.cache import TEACHER_TOP_K
 from plmscale.model import TransformerLM
 from plmscale.model.transformer import ModelPart
 from plmscale.objectives import Objective
+from plmscale.objectives.base import TARGET_POSITIONS, target_positions
 from plmscale.parallel.distributed import Topology
 from plmscale.parallel.tensor_parallel import MegatronLayers
 
@@ -63,17 +65,22 @@ class PipelineStage(TransformerLM):
         x = self.encode(x, _present(attention_mask), attention_pattern=_present(attention_pattern))
         if not self.part.head:
             return x, attention_mask, attention_pattern, *for_heads
-        target_mask, span_boundaries, classify_pair = map(_present, for_heads)
-        targets = None if target_mask is None else target_mask.bool()
-        return self.output(x, targets, classify_pair is not None, span_boundaries)
+        positions, span_boundaries, classify_pair = for_heads
+        everywhere = positions.numel() == x.shape[0] * x.shape[1]  # a shape: no synchronization
+        return self.output(
+            x,
+            None if everywhere else positions,
+            _present(classify_pair) is not None,
+            _present(span_boundaries),
+        )
 
 
-# The batch fields that reach the last stage as "labels": the targets (SpanBERT's are where the span
-# boundaries say; UniLM's held-out loss is broken down by mode), and the inputs too, which a distillation
-# teacher (whole, on the last stage's ranks) reads, or its cached top-k logits.
+# The batch fields that reach the last stage as "labels": the targets and their positions (SpanBERT's are
+# where the span boundaries say; UniLM's held-out loss is broken down by mode), and the inputs too, which a
+# distillation teacher (whole, on the last stage's ranks) reads, or its cached top-k logits.
 _LABEL_FIELDS = (
     "labels", "pair_label", "span_boundaries", "mode", "input_ids", "attention_mask", "token_type_ids",
-    *TEACHER_TOP_K,
+    TARGET_POSITIONS, *TEACHER_TOP_K,
 )  # fmt: skip
 
 
@@ -84,9 +91,8 @@ def pipeline_batch(objective: Objective, batch: dict[str, torch.Tensor]) -> tupl
         inputs.get(key, _ABSENT)
         for key in ("input_ids", "attention_mask", "token_type_ids", "attention_pattern")
     ]
-    target_mask = inputs["target_mask"].long() if "target_mask" in inputs else _ABSENT
     classify_pair = torch.ones(1, dtype=torch.long) if inputs.get("classify_pair") else _ABSENT
-    first += [target_mask, inputs.get("span_boundaries", _ABSENT), classify_pair]
+    first += [target_positions(batch), inputs.get("span_boundaries", _ABSENT), classify_pair]
     return tuple(first), tuple(batch.get(key, _ABSENT) for key in _LABEL_FIELDS)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -23,14 +24,20 @@ from plmscale.model.layers import LocalLayers, normal_init
 
 
 class _Column(ColumnParallelLinear):
-    """Megatron's linear layers return (output, bias); the model wants the output only."""
+    """Megatron's linear layers return (output, bias); the model wants the output only. Without tensor
+    parallelism the same parameters run through `F.linear`: one matmul that adds the bias, where
+    megatron-core adds it in a pass of its own and reshapes around its autograd function."""
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.tp_group.size() == 1:
+            return F.linear(x, self.weight if weight is None else weight, self.bias)
         return super().forward(x, weight)[0]
 
 
 class _Row(RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group.size() == 1:
+            return F.linear(x, self.weight, self.bias)
         return super().forward(x)[0]
 
 
