@@ -38,9 +38,10 @@ plmscale export --model "$out/student/model" --format hf --output "$out/student_
 plmscale eval --teacher "$out/teacher/model" --student "$out/student/model" --shards "$data/shards" \
   --batches 32 --runs teacher="$out/teacher" student="$out/student" --export "$out/student_hf" \
   --plot "$out/loss_curves.png" \
-  --fill-mask "Like read() but the argument must be a [MASK]-like object." \
-    'The `f` argument must be iterable, returning one [MASK] at a time.' \
-    "If no fields exist with the given name, returns an empty [MASK]."  # held-out; each answer one piece
+  --fill-mask "Extract a member from the archive as a [MASK] object." \
+    "Set or get the [MASK] of bindtags for this widget." \
+    "In case this fails, the given parameters are [MASK] as defaults."
+# Held-out: sentences of the valid split found nowhere in the training split, each masked word one piece.
 
 # Fine-tune teacher and student on a task made from the corpus (which stdlib package a docstring paragraph is
 # from) and print their dev scores side by side: the local stand-in for DistilBERT's GLUE comparison.
