@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from plmscale.compress.variants import Deployment, logit_parity
 from plmscale.data import BatchSource, PackedStream
 from plmscale.eval.baseline import FrequencyBaseline, training_frequencies
-from plmscale.eval.evaluate import SPEED_REPEATS, evaluate
+from plmscale.eval.evaluate import SPEED_REPEATS, SPEED_SECONDS, evaluate
 from plmscale.model_dir import TOKENIZER, WEIGHTS, load_local_model, load_run_config
 from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.tokenizer import Tokenizer
@@ -192,7 +192,7 @@ def describe(rows: list[dict], held_out: dict, clock: str, threads: int) -> str:
     return (
         f"Held-out {held_out['split']} split: {held_out['batches']} x {held_out['batch_size']} sequences of "
         f"{held_out['seq_length']}, seed {held_out['seed']}, {rows[0]['targets']:,} targets (unigram baseline "
-        f"accuracy {rows[0]['baseline_accuracy']:.4f}). Speed: forward of the trunk, best of {SPEED_REPEATS}, "
+        f"accuracy {rows[0]['baseline_accuracy']:.4f}). Speed: forward of the trunk, best pass of {SPEED_SECONDS:g} s, at least {SPEED_REPEATS}, "
         f"{what}, {threads} thread(s); x: ratio to {rows[0]['model']} fp32. Parity: against the same model's "
         "fp32 logits at the held-out targets."
     )

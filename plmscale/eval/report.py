@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
-from plmscale.eval.evaluate import SPEED_REPEATS
+from plmscale.eval.evaluate import SPEED_REPEATS, SPEED_SECONDS
 from plmscale.inference.fill_mask import FilledText
 from plmscale.objectives import get_objective_class
 
@@ -167,7 +167,7 @@ def speed_row(name: str, result: dict) -> str:
 def speeds(teacher: dict, student: dict | None) -> list[str]:
     lines = [
         f"CPU inference ({teacher['threads']} threads; forward of the trunk on held-out sequences of "
-        f"{teacher['seq_length']}, best of {SPEED_REPEATS}):",
+        f"{teacher['seq_length']}, best pass of {SPEED_SECONDS:g} s, at least {SPEED_REPEATS}):",
         f"  {'model':<9} {'batch 1 (ms)':>13} {'batch 32 (tokens/s)':>19}",
         speed_row("teacher", teacher),
     ]
