@@ -53,7 +53,7 @@ def compressed(shards, tmp_path_factory):
     task = write_task(root / "task", train, dev)
     argv = ["compress", "--model", f"tiny={model_dir}", "--shards", str(shards), "--task", str(task),
             "--output", str(root / "out"), "--batches", "2", "--batch-size", "4", "--epochs", "1",
-            "--max-seq-length", "32", "--threads", "1"]  # fmt: skip
+            "--max-seq-length", "32", "--threads", "1", "--speed-seconds", "0"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((root / "out" / "compress.json").read_text())
     return model_dir, shards, root / "out", report

@@ -63,6 +63,11 @@ def add_compress_parser(subparsers) -> argparse.ArgumentParser:
         help="time forward passes by wall clock, or by this process's CPU time, steadier on a machine shared "
         "with other work (a latency only with --threads 1: it sums every thread's time)",
     )  # fmt: skip
+    parser.add_argument(
+        "--speed-seconds", type=float,
+        help="time each model's forward for at least this long per batch size and keep the best pass "
+        "(default: plmscale eval's, 1 s)",
+    )  # fmt: skip
     tune = parser.add_argument_group("fine-tuning (with --task; as `plmscale finetune`)")
     tune.add_argument("--epochs", type=positive(int), default=defaults.epochs)
     tune.add_argument("--lr", type=positive(float), default=defaults.lr)
@@ -103,6 +108,7 @@ def run_compress_command(args: argparse.Namespace) -> list[dict]:
     import torch
 
     from plmscale.compress import table
+    from plmscale.eval.evaluate import SPEED_SECONDS
     from plmscale.model_dir import load_run_config
 
     if args.threads:
@@ -123,7 +129,18 @@ def run_compress_command(args: argparse.Namespace) -> list[dict]:
         shards_dir=args.shards, split=args.split, batches=args.batches, batch_size=args.batch_size,
         seed=args.seed, seq_length=load_run_config(args.model[0][1]).data.seq_length,
     )  # fmt: skip
-    rows = table.measure(models, variants, held_out, output, args.clock, task, settings, args.threads)
+    speed_seconds = SPEED_SECONDS if args.speed_seconds is None else args.speed_seconds
+    rows = table.measure(
+        models,
+        variants,
+        held_out,
+        output,
+        args.clock,
+        task,
+        settings,
+        args.threads,
+        speed_seconds=speed_seconds,
+    )
     threads = torch.get_num_threads()
     plot = table.plot(rows, Path(args.plot) if args.plot else output / "compress.png")
     setup = held_out | {"clock": args.clock, "threads": threads, "task": args.task}

@@ -85,8 +85,10 @@ def measure(
     settings=None,
     threads: int | None = None,
     log=print,
+    speed_seconds: float = 0.0,
 ) -> list[dict]:
-    """One row per model and variant (see the module docstring)."""
+    """One row per model and variant (see the module docstring); speeds timed for at least `speed_seconds`
+    per batch size (see `inference_speed`)."""
     first = load_run_config(next(iter(models.values())))
     baseline = FrequencyBaseline(
         training_frequencies(str(held_out["shards_dir"])), specials_are_targets=first.model.kind == "decoder"
@@ -105,7 +107,14 @@ def measure(
         for variant in variants:
             log(f"measuring {name} {variant}")
             runner = deployment.load(variant)
-            scores = evaluate(model_dir, **held_out, baseline=baseline, model=runner, clock=CLOCKS[clock])
+            scores = evaluate(
+                model_dir,
+                **held_out,
+                baseline=baseline,
+                model=runner,
+                clock=CLOCKS[clock],
+                speed_seconds=speed_seconds,
+            )
             path = deployment.file(variant)
             rows.append(
                 {

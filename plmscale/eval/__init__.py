@@ -68,7 +68,7 @@ def run_eval_command(args: argparse.Namespace) -> str:
     import torch
 
     from plmscale.config import resolve_path
-    from plmscale.eval.evaluate import evaluate
+    from plmscale.eval.evaluate import SPEED_SECONDS, evaluate
     from plmscale.eval.report import report
     from plmscale.model_dir import load_run_config
 
@@ -84,6 +84,7 @@ def run_eval_command(args: argparse.Namespace) -> str:
         seed=args.seed,
         seq_length=teacher_cfg.data.seq_length,
         instances_dir=args.instances,
+        speed_seconds=SPEED_SECONDS,
     )
     teacher = evaluate(args.teacher, **common)
     student = evaluate(args.student, **common) if args.student else None

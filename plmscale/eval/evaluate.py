@@ -90,25 +90,25 @@ def position_hits(logits: torch.Tensor, batch: dict[str, torch.Tensor], objectiv
 
 
 SPEED_BATCHES = (1, 32)  # deployment's two regimes: one request's latency, a full batch's throughput
-SPEED_REPEATS = 10  # at least, and for at least SPEED_SECONDS per batch size
-SPEED_SECONDS = 1.0
+SPEED_REPEATS = 10  # passes at least
+SPEED_SECONDS = 1.0  # and for the commands' reports, as many more as fit in this time per batch size
 
 
 def inference_speed(
-    model, inputs: torch.Tensor, repeats: int = SPEED_REPEATS, clock=time.perf_counter
+    model, inputs: torch.Tensor, repeats: int = SPEED_REPEATS, clock=time.perf_counter, seconds: float = 0.0
 ) -> dict[str, float]:
     """Forward passes of the trunk (embeddings and transformer layers, no vocabulary head: a classifier never
     runs it, fill-mask and generation at a few positions only) on [1, seq] and [32, seq] held-out inputs.
     Each figure is the best of the timed passes after one warm-up, the least disturbed by whatever else the
-    machine runs (timeit's rule): `repeats` of them and as many more as fit in SPEED_SECONDS, so that a
-    busy machine still leaves some passes undisturbed. `clock=time.process_time` counts this process's CPU
+    machine runs (timeit's rule): `repeats` of them and as many more as fit in `seconds`, so that a busy
+    machine still leaves some passes undisturbed. `clock=time.process_time` counts this process's CPU
     time instead of wall time: on a machine shared with other work it is what the model itself costs."""
     speed = {}
     with torch.inference_mode():
         for batch_size in SPEED_BATCHES:
             rows = inputs[torch.arange(batch_size) % inputs.shape[0]]
             model.hidden_states(rows)
-            best, passes, until = float("inf"), 0, time.perf_counter() + SPEED_SECONDS
+            best, passes, until = float("inf"), 0, time.perf_counter() + seconds
             while passes < repeats or time.perf_counter() < until:
                 start = clock()
                 model.hidden_states(rows)
@@ -131,6 +131,7 @@ def evaluate(
     instances_dir: str | Path | None = None,
     model=None,
     clock=time.perf_counter,
+    speed_seconds: float = 0.0,
 ) -> dict:
     """Score the unsharded model on `batches` x `batch_size` held-out sequences.
 
@@ -139,8 +140,8 @@ def evaluate(
     `accuracy` is the masked (or next) tokens', with `sbo_accuracy`, `rtd_accuracy` for the other terms
     (UniLM: `loss/MODE` and `MODE_accuracy` per attention mode).
     `baseline_loss` and `baseline_accuracy` are the unigram-frequency baseline's on the same targets
-    (`baseline`, or counted from the shards' training split). Speeds: see `inference_speed`, of the deployed
-    model (ELECTRA: the discriminator).
+    (`baseline`, or counted from the shards' training split). Speeds: see `inference_speed` (timed for at
+    least `speed_seconds` per batch size), of the deployed model (ELECTRA: the discriminator).
     `seq_length` defaults to the model's training sequence length.
 
     With `instances_dir` (held-out instances, `plmscale prep instances --split valid`), the batches are
@@ -219,7 +220,10 @@ def evaluate(
         "baseline_accuracy": baseline_correct / max(counts[first_term], 1),
         "baseline_tokens": baseline.tokens,
         **inference_speed(
-            getattr(model, "deployed", model), torch.cat([batch["input_ids"] for batch in data]), clock=clock
+            getattr(model, "deployed", model),
+            torch.cat([batch["input_ids"] for batch in data]),
+            clock=clock,
+            seconds=speed_seconds,
         ),
         "threads": torch.get_num_threads(),
     }
