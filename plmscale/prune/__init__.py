@@ -100,6 +100,6 @@ def run_prune_command(args: argparse.Namespace) -> None:
     }
     print(
         f"recover: launch/train.sh RECIPE --distill distill.teacher={args.model} "
-        f"train.init_from={args.output} "
+        f"train.init_from={args.output} distill.student_layers=null "
         + " ".join(f"model.{key}={value}" for key, value in shape.items() if value is not None)
     )
