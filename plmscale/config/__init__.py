@@ -19,9 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from plmscale.recipe_yaml import DuplicateKeyError, parse_yaml
+from plmscale.config.recipe_yaml import DuplicateKeyError, parse_yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Keys of the DeepSpeed JSON that the recipe derives; a ds_configs file that sets one is rejected.
 RECIPE_OWNED_DS_KEYS = {
     "train_batch_size",
