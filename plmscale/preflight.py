@@ -3,7 +3,7 @@
 `plmscale train|distill` (and `--validate-only`, the same checks) run `check_launch` in the launching
 process, before `init_distributed`; `launch/train.sh` runs it once before the deepspeed launcher, so a bad
 recipe is one line, exit status 2, within seconds, instead of a traceback from every rank. Beyond the
-recipe itself (plmscale/config.py) it checks the DeepSpeed JSON against DeepSpeed's own config models, the
+recipe itself (plmscale/config/) it checks the DeepSpeed JSON against DeepSpeed's own config models, the
 data (manifests, splits, vocabulary, tokenizer, enough tokens for one sample), the teacher and the output
 directory. Every error is a ConfigError naming the recipe and the key.
 """
