@@ -213,6 +213,21 @@ def test_prune_command_writes_a_model_directory_that_exports(teacher, tmp_path, 
     assert json.loads((export / "config.json").read_text())["num_hidden_layers"] == 2
 
 
+def test_units_are_scored_on_the_training_split_unless_told(teacher, tmp_path):
+    """The default scores on the training split, not on the valid split that `plmscale eval` reports."""
+
+    def importance(*split: str) -> dict:
+        out = tmp_path / "-".join(("pruned", *split))
+        targets = ["--heads", "2", "--batches", "1", "--batch-size", "4", *split]
+        assert main(["prune", "--model", str(teacher), "--output", str(out), *targets]) == 0
+        return load_meta(out)["importance"]
+
+    default, train, valid = importance(), importance("--split", "train"), importance("--split", "valid")
+    assert (default["split"], valid["split"]) == ("train", "valid")
+    assert default == train
+    assert default["heads"] != valid["heads"]
+
+
 @pytest.mark.parametrize(
     ("targets", "message"),
     [

@@ -2,10 +2,12 @@
 
     plmscale prune --model runs/demo/teacher/model --heads 2 --ffn 256 --output runs/demo/pruned
 
-Heads and FFN neurons are scored by first-order Taylor importance on held-out batches of the model's own
-objective (`importance.py`), the most important kept in every layer (`structure.py`), whole layers dropped
-by name or by score. The output is a normal model directory: every command loads it, `plmscale export`
-exports it, and distillation from the unpruned model recovers what pruning cost (README, "Pruning").
+Heads and FFN neurons are scored by first-order Taylor importance on batches of the model's own objective
+(`importance.py`), the most important kept in every layer (`structure.py`), whole layers dropped by name or
+by score. The batches come from the training split: scored on the valid split, the units would be selected
+by the very data `plmscale eval` then reports the pruned model's accuracy on. The output is a normal model
+directory: every command loads it, `plmscale export` exports it, and distillation from the unpruned model
+recovers what pruning cost (README, "Pruning").
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     """Register `plmscale prune`."""
     parser = subparsers.add_parser(
         "prune",
-        help="prune attention heads, FFN neurons and layers by importance on held-out data",
-        description="Score heads, FFN neurons and layers by first-order Taylor importance on held-out "
-        "batches, keep the most important, and write a model directory.",
+        help="prune attention heads, FFN neurons and layers by importance on training data",
+        description="Score heads, FFN neurons and layers by first-order Taylor importance on batches "
+        "of the training split, keep the most important, and write a model directory.",
     )
     parser.add_argument("--model", required=True, help="model directory to prune")
     parser.add_argument("--output", required=True, help="model directory to write")
@@ -60,8 +62,10 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     depth = parser.add_mutually_exclusive_group()
     depth.add_argument("--layers", type=positive(int), help="layers to keep, the most important")
     depth.add_argument("--drop-layers", type=layer_list, help="layers to drop, e.g. 1,2 (0 is the first)")
-    parser.add_argument("--shards", help="held-out data to score on (default: the model's data.shards)")
-    parser.add_argument("--split", default="valid", help="split of the shards (default valid)")
+    parser.add_argument("--shards", help="data to score on (default: the model's data.shards)")
+    parser.add_argument(
+        "--split", default="train", help="split of the shards (default train: valid is what eval reports)"
+    )
     parser.add_argument("--batches", type=positive(int), default=16, help="batches to score (default 16)")
     parser.add_argument(
         "--batch-size", type=positive(int), default=32, help="sequences per batch (default 32)"

@@ -2,7 +2,7 @@
 
 Gate a unit's output with a scalar xi (1 in the model as trained); removing the unit sets xi to 0, and to
 first order the loss changes by dL/dxi = sum over the batch's positions of (the unit's output x the loss's
-gradient with respect to it). The importance of a unit is |dL/dxi| summed over held-out batches (Michel et
+gradient with respect to it). The importance of a unit is |dL/dxi| summed over batches (Michel et
 al. 2019, "Are Sixteen Heads Really Better than One?", for heads; Molchanov et al. 2017 for neurons): a
 unit whose removal would move the loss either way scores high. The "outputs" are a head's context vector
 (its slice of the output projection's input), a neuron's activation (the FFN output projection's input)
@@ -22,7 +22,7 @@ from plmscale.model import TransformerLM
 
 @dataclass
 class Importance:
-    """Scores summed over `batches` held-out batches: heads [layers, heads], neurons [layers, ffn],
+    """Scores summed over `batches` batches: heads [layers, heads], neurons [layers, ffn],
     layers [layers]."""
 
     heads: torch.Tensor

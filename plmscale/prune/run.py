@@ -1,4 +1,4 @@
-"""`plmscale prune`: score a model's heads, neurons and layers on held-out data, keep the most important to
+"""`plmscale prune`: score a model's heads, neurons and layers on training data, keep the most important to
 a target size, and write a normal model directory (updated config, same tokenizer)."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def prune_model_dir(
     layers: int | None = None,
     drop_layers: list[int] | None = None,
     shards: str | Path | None = None,
-    split: str = "valid",
+    split: str = "train",
     batches: int = 16,
     batch_size: int = 32,
     seed: int = 0,
