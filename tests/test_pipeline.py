@@ -1,7 +1,8 @@
 """Pipeline parallelism and activation checkpointing: stages built as parts equal the whole model, checkpointed
-layers recompute exactly, stage tuples carry what stages and heads read, and on real gloo process groups
-PP=2 and TP2 x PP2 x DP2 (8 processes) train like one process for GPT, BERT-MLM and BERT-MLM+NSP (SpanBERT:
-PP=2); a pipelined run resumes exactly and its model directory is whole."""
+layers recompute exactly, stage tuples carry what stages and heads read, the last stage's distillation terms
+are the whole student's, and on real gloo process groups PP=2 and TP2 x PP2 x DP2 (8 processes) train like
+one process for GPT, BERT-MLM and BERT-MLM+NSP (SpanBERT: PP=2); a pipelined run resumes exactly and its
+model directory is whole."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ from conftest import (
 )
 from test_pair_objectives import PAIR_MODEL, instance_sets  # noqa: F401 - the module fixture
 
-from plmscale.config import ConfigError, ModelConfig, load_config
+from plmscale.config import ConfigError, DistillConfig, ModelConfig, load_config
 from plmscale.data import BatchSource, PackedStream
+from plmscale.distill import Distillation
+from plmscale.distill.cache import TEACHER_TOP_K
+from plmscale.distill.loss import term_counts
 from plmscale.manifest import load_manifest, tokenizer_path
 from plmscale.model import TransformerLM
 from plmscale.model.transformer import ModelPart
@@ -110,6 +114,56 @@ def test_stage_tuples_carry_what_the_stages_and_last_heads_read(shards, layernor
         for name, term in expected.items():
             assert (got[name].count, got[name].correct) == (term.count, term.correct), name
             torch.testing.assert_close(got[name].sum, term.sum, rtol=1e-6, atol=1e-5)
+
+
+def test_last_stage_distillation_terms_are_the_whole_students(shards):
+    """With pipeline stages the teacher runs whole on the last stage's ranks, on the inputs that reach it as
+    labels (or its cached top-k logits do): the soft-logits and hard terms there, and their counts, are those
+    of the unpipelined student for the same batch and weights, for MLM (logits at the targets), UniLM (the
+    teacher reads the samples' attention patterns), GPT (logits everywhere) and an MLM teacher cache. Losses
+    that read the student's layers are refused with pipeline stages (tests/test_distill.py)."""
+    valid = PackedStream.from_manifest(shards, "valid")
+    losses = [{"name": "logits", "temperature": 2.0}, {"name": "hard", "weight": 0.5}]
+    encoder = CFG.model_copy(update={"vocab_size": 2000, "pair_head": False})
+    decoder = encoder.model_copy(update={"kind": "decoder", "type_vocab_size": 0})
+
+    def case(cfg: ModelConfig, name: str, batch=None, cached: bool = False):
+        objective = get_objective(name, {}, cfg)
+        batch = batch or BatchSource(valid, objective, 32, 4, 1, 0, 3, False).micro_batches(0, 1)[0]
+        torch.manual_seed(7)  # a teacher of another depth and weights
+        teacher = TransformerLM(cfg.model_copy(update={"num_layers": 2})).eval()
+        if cached:  # as `plmscale distill-cache` writes it: the teacher's top-k at each target, in order
+            with torch.no_grad():
+                top = teacher(**objective.model_inputs(batch)).topk(16)
+            batch = batch | {TEACHER_TOP_K[0]: top.indices.int(), TEACHER_TOP_K[1]: top.values}
+        distill = DistillConfig(teacher="t", losses=losses)
+        live = None if cached else teacher
+        return objective, batch, Distillation.from_config(distill, live, teacher.cfg, cfg, objective)
+
+    cases = {
+        "mlm": case(encoder, "mlm", _batch(seq=24)),
+        "unilm": case(encoder, "unilm"),
+        "gpt": case(decoder, "causal_lm"),
+        "mlm, cached teacher": case(encoder, "mlm", _batch(seq=24), cached=True),
+    }
+    for name, (objective, batch, distillation) in cases.items():
+        cfg = objective.model_cfg
+        torch.manual_seed(5)
+        whole = TransformerLM(cfg).eval()
+        torch.manual_seed(5)
+        stages = [PipelineStage(cfg, part=part).eval() for part in stage_parts(cfg, 2)]
+        logits = whole(**objective.model_inputs(batch))
+        expected = distillation(logits, batch, whole.spec)
+        inputs, labels = pipeline_batch(objective, batch)
+        for stage in stages:
+            inputs = stage(inputs)
+        got = last_stage_loss(partial(distillation, spec=whole.spec))(inputs, labels)
+        counts = term_counts(distillation.cfg, objective, batch)  # what every stage all-reduces
+        assert got.keys() == expected.keys() == counts.keys() == {"logits", "hard"}, name
+        assert expected["logits"].sum > 1e-3 and (logits.dim() == 3) == (name == "gpt"), name
+        for term, value in expected.items():
+            assert got[term].count == value.count == counts[term] > 0, (name, term)
+            torch.testing.assert_close(got[term].sum, value.sum, rtol=1e-6, atol=1e-6, msg=f"{name} {term}")
 
 
 @pytest.mark.parametrize("every", [1, 2, 3])

@@ -76,11 +76,12 @@ class PipelineStage(TransformerLM):
 
 
 # The batch fields that reach the last stage as "labels": the targets and their positions (SpanBERT's are
-# where the span boundaries say; UniLM's held-out loss is broken down by mode), and the inputs too, which a
-# distillation teacher (whole, on the last stage's ranks) reads, or its cached top-k logits.
+# where the span boundaries say; UniLM's held-out loss is broken down by mode), and the inputs too, all that
+# a distillation teacher (whole, on the last stage's ranks) reads (UniLM's attention patterns among them),
+# or its cached top-k logits.
 _LABEL_FIELDS = (
     "labels", "pair_label", "span_boundaries", "mode", "input_ids", "attention_mask", "token_type_ids",
-    TARGET_POSITIONS, *TEACHER_TOP_K,
+    "attention_pattern", TARGET_POSITIONS, *TEACHER_TOP_K,
 )  # fmt: skip
 
 
