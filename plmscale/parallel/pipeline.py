@@ -114,8 +114,8 @@ def last_stage_loss(loss: Callable[[object, dict], torch.Tensor]) -> Callable[[o
 def build_pipeline_model(
     cfg: RunConfig, topo: Topology, loss_fn: Callable[[object, tuple], torch.Tensor]
 ) -> PipelineModule:
-    """`loss_fn` as made by `last_stage_loss`."""
-    """The trunk as a `PipelineModule` over the TP x PP x DP grid; this rank builds only its own stage."""
+    """The trunk as a `PipelineModule` over the TP x PP x DP grid; this rank builds only its own stage.
+    `loss_fn` as made by `last_stage_loss`."""
     stages = cfg.parallel.pipeline_parallel
     spec = MegatronLayers()
     layers = [
