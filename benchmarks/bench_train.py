@@ -14,8 +14,8 @@ Printed per shape: tokens/s, MFU (PaLM: 6 N + 12 L h s per token against a matmu
 same run), peak memory (accelerator: max allocated; CPU: peak RSS of the process), plmscale's ratio to
 each peer in tokens/s and in CPU time per step (the least of the repeats: on a shared machine the process's
 CPU time is the steadier measure), and plmscale's step in phases (data, forward, loss, backward,
-optimizer, the rest) from a separate pass that synchronizes the device around each phase. CPU shapes are small (2 cores, fp32); with
-an accelerator the shapes of GPT-3 XL and BERT-large are measured too.
+optimizer, the rest) from a separate pass that synchronizes the device around each phase. CPU shapes are
+small (2 cores, fp32); with an accelerator the shapes of GPT-3 XL and BERT-large are measured too.
 
 `--layouts` trains the small GPT recipe under the real launcher (on CPU, gloo): 1 process, TP2, PP2 and
 TP2 x PP2 x DP2 (8 processes), and prints tokens/s and step time per layout from metrics.jsonl.
