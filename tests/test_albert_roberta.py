@@ -179,13 +179,18 @@ def export(tmp_path, cfg: ModelConfig, family: str | None = None):
     return model, hf
 
 
-def test_albert_exports_as_albert_for_pretraining(tmp_path):
+def test_albert_exports_as_albert_for_pretraining_and_imports_back(tmp_path):
     model, hf = export(tmp_path, albert())
     assert type(hf).__name__ == "AlbertForPreTraining"
     assert (hf.config.embedding_size, hf.config.num_hidden_groups, hf.config.num_hidden_layers) == (16, 2, 4)
     assert count(hf) == count(model)  # the groups stay shared in transformers too
     differences = logit_differences(model, hf)
     assert differences["token"] < 1e-5 and differences["pair"] < 1e-5
+    meta = import_hf(tmp_path / "hf", tmp_path / "imported")  # and back, every tensor bit for bit
+    assert meta["imported"]["architecture"] == "AlbertForPreTraining" and not meta["imported"]["initialized"]
+    back = load_file(str(tmp_path / "imported" / "model.safetensors"))
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
 def test_roberta_exports_as_roberta_and_imports_back(tmp_path):

@@ -1,4 +1,4 @@
-"""`plmscale import --format hf`: public-checkpoint layouts (BERT, Megatron-BERT, GPT-2) computed exactly,
+"""`plmscale import --format hf`: public-checkpoint layouts (BERT, Megatron-BERT, ALBERT, GPT-2) computed exactly,
 HF -> plmscale -> HF bitwise, bad checkpoints refused with the key, and training from the imported weights
 starting at transformers' loss at TP=1 and TP=2."""
 
@@ -17,6 +17,9 @@ import yaml
 from conftest import TEST_VOCAB, launch, read_metrics, tiny_recipe, write_recipe
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AlbertConfig,
+    AlbertForMaskedLM,
+    AlbertForPreTraining,
     BertConfig,
     BertForMaskedLM,
     BertForPreTraining,
@@ -44,12 +47,17 @@ GPT2_SIZES = {
     "vocab_size": TEST_VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
     "initializer_range": 0.2, "bos_token_id": 3, "eos_token_id": 3,
 }  # fmt: skip
+ALBERT_SIZES = BERT_SIZES | {"embedding_size": 16}  # activation gelu_new, one group: albert-base-v2's sharing
 MODELS = {
     "bert": lambda: BertForMaskedLM(BertConfig(**BERT_SIZES)),
     "bert_pretraining": lambda: BertForPreTraining(BertConfig(**BERT_SIZES)),
     "megatron_bert": lambda: MegatronBertForMaskedLM(MegatronBertConfig(**BERT_SIZES)),
     "megatron_bert_pretraining": lambda: MegatronBertForPreTraining(MegatronBertConfig(**BERT_SIZES)),
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(**GPT2_SIZES)),  # activation gelu_new
+    "albert": lambda: AlbertForMaskedLM(AlbertConfig(**ALBERT_SIZES)),
+    "albert_pretraining": lambda: AlbertForPreTraining(
+        AlbertConfig(**ALBERT_SIZES | {"num_hidden_layers": 4, "num_hidden_groups": 2})
+    ),
 }
 
 
@@ -81,9 +89,11 @@ def test_imported_logits_equal_transformers(imported):
     model, cfg = load_local_model(model_dir)
     hf, _ = load_hf_model(hf_dir)
     assert (cfg.layernorm_position, cfg.embedding_layernorm) == (
-        ("post", True) if name.startswith("bert") else ("pre", False)
+        ("post", True) if name.startswith(("bert", "albert")) else ("pre", False)
     )
     assert cfg.pair_head == name.endswith("pretraining")
+    if name.startswith("albert"):  # layer i runs group i * G // L in both
+        assert (cfg.embedding_size, cfg.layer_groups) == (16, hf.config.num_hidden_groups)
     input_ids = torch.randint(5, TEST_VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 15:] = 0
@@ -95,7 +105,8 @@ def test_imported_logits_equal_transformers(imported):
         ours = model(**inputs, classify_pair=cfg.pair_head)
         out = hf(**inputs)
     if cfg.pair_head:
-        torch.testing.assert_close(ours[1], out.seq_relationship_logits, rtol=0, atol=1e-5)
+        pair = out.sop_logits if name.startswith("albert") else out.seq_relationship_logits
+        torch.testing.assert_close(ours[1], pair, rtol=0, atol=1e-5)
         ours = ours[0]
     theirs = out.prediction_logits if "prediction_logits" in out else out.logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
@@ -149,6 +160,8 @@ def test_model_directory_config_is_a_valid_recipe(imported):
         ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings=False"),
         ("bert", {"position_embedding_type": "relative_key"}, "position_embedding_type='relative_key'"),
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
+        ("albert", {"inner_group_num": 2}, "inner_group_num=2"),
+        ("albert_pretraining", {"num_hidden_groups": 3}, "num_hidden_groups=3"),  # of 4 layers
     ],
 )
 def test_unrepresentable_configs_are_refused(name, changes, message, tmp_path, capsys):
@@ -168,6 +181,26 @@ def test_missing_weights_are_refused(tmp_path):
     save_file(weights, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ConfigError, match=r"missing.*bert\.encoder\.layer\.1\.output\.dense\.weight"):
         import_hf(hf_dir, tmp_path / "model")
+
+
+def test_albert_without_its_sop_classifier_gets_one_initialized(tmp_path, capsys):
+    """The hub's ALBERTs ship their pooler but no SOP classifier: the pair head imports with the classifier
+    transformers initializes (the same on every import), said so; every tensor of the checkpoint exports back."""
+    hf_dir = save_random_hf("albert_pretraining", tmp_path / "hf")
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    classifier = ["sop_classifier.classifier.bias", "sop_classifier.classifier.weight"]
+    save_file({k: v for k, v in weights.items() if k not in classifier}, str(hf_dir / "model.safetensors"))
+    for model in ("model", "again"):
+        args = ["import", "--format", "hf", "--input", str(hf_dir), "--output", str(tmp_path / model)]
+        assert cli.main(args) == 0
+    assert capsys.readouterr().out.endswith(f"initialized as transformers does: {', '.join(classifier)}\n")
+    assert load_meta(tmp_path / "model")["imported"]["initialized"] == classifier
+    imported, again = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("model", "again"))
+    assert load_local_model(tmp_path / "model")[1].pair_head
+    assert all(torch.equal(imported[k], again[k]) for k in imported)
+    back = load_file(str(export_hf(tmp_path / "model", tmp_path / "back") / "model.safetensors"))
+    assert sorted(back) == sorted(weights)
+    assert all(torch.equal(back[k], v) for k, v in weights.items() if k not in classifier)
 
 
 def test_new_model_options_keep_old_configs_identical():
@@ -197,8 +230,11 @@ def test_init_from_must_match_the_model(imported, shards, tmp_path):
     name, _, model_dir = imported
     recipe = yaml.safe_load((model_dir / "config.yaml").read_text())
     recipe["train"]["init_from"] = str(model_dir)
-    recipe["model"]["num_layers"] = 3
-    with pytest.raises(ConfigError, match=r"model\.num_layers=3 but train\.init_from=.* has 2"):
+    layers = recipe["model"]["num_layers"]
+    recipe["model"]["num_layers"] = 2 * layers  # still a multiple of ALBERT's layer groups
+    with pytest.raises(
+        ConfigError, match=rf"model\.num_layers={2 * layers} but train\.init_from=.* has {layers}"
+    ):
         load_config(write_recipe(tmp_path / "r.yaml", recipe))
 
 

@@ -38,7 +38,8 @@ def add_import_parser(subparsers) -> argparse.ArgumentParser:
     """Register `plmscale import --format hf --input DIR --output DIR [--tokenizer MODEL]`."""
     parser = subparsers.add_parser(
         "import",
-        help="import a Hugging Face BERT / Megatron-BERT / GPT-2 checkpoint as a model directory",
+        help="import a Hugging Face BERT / RoBERTa / Megatron-BERT / ALBERT / GPT-2 checkpoint as a model "
+        "directory",
         description="Import a local checkpoint directory (nothing is downloaded); plmscale's logits are "
         "checked against transformers' before the model directory is written.",
     )
@@ -64,6 +65,10 @@ def run_import_command(args: argparse.Namespace) -> None:
         f"imported {args.input} ({imported['architecture']}) -> {args.output} "
         f"(logits verified against transformers, max |difference| {diff:.2g})"
     )
+    if imported["initialized"]:
+        print(
+            f"not in the checkpoint, initialized as transformers does: {', '.join(imported['initialized'])}"
+        )
 
 
 __all__ = ["add_export_parser", "add_import_parser", "run_export_command", "run_import_command"]

@@ -5,17 +5,27 @@
 Local files only: config.json and model.safetensors or pytorch_model.bin (read weights-only by
 `transformers`). BERT (`BertForMaskedLM`, `BertForPreTraining`: post-LN with an embedding LayerNorm, built
 with `model.layernorm_position: post` and `model.embedding_layernorm: true`), RoBERTa (`RobertaForMaskedLM`,
-BERT's layout; the position rows before its first position id are dropped), Megatron-BERT and GPT-2
-(`GPT2LMHeadModel`). The weights go through the export's rules backwards (`hf_mapping.py`), so
-`plmscale export` of the result gives back the same tensors bit for bit (RoBERTa's unused position rows and
-padding id aside: they come back as zeros and [PAD]), and plmscale's logits are checked
-against transformers' before anything is written. What plmscale cannot compute exactly (another
-activation, relative positions, an output projection not tied to the word embedding, cross-attention) is
-refused with the config key that says so.
+BERT's layout; the position rows before its first position id are dropped), Megatron-BERT, ALBERT
+(`AlbertForMaskedLM`, `AlbertForPreTraining`: BERT's layout with `model.embedding_size` and
+`model.layer_groups`) and GPT-2 (`GPT2LMHeadModel`). The weights go through the export's rules backwards
+(`hf_mapping.py`), so `plmscale export` of the result gives back the same tensors bit for bit (RoBERTa's
+unused position rows and padding id aside: they come back as zeros and [PAD]), and plmscale's logits are
+checked against transformers' before anything is written. What plmscale cannot compute exactly (another
+activation, relative positions, an output projection not tied to the word embedding, cross-attention,
+ALBERT groups of more than one layer or that do not divide the layers evenly) is refused with the config
+key that says so.
+
+A checkpoint with its pair head's pooler but not its classifier (the hub's ALBERTs publish no SOP
+classifier) imports with the classifier that transformers initializes, seeded, and meta.json lists it
+under `initialized`: continued pre-training with SOP needs one. ALBERT's `classifier_dropout_prob` is not
+kept: the pair head's dropout is `model.hidden_dropout`, a training setting like every dropout.
 
 The vocabulary is kept as it is, rows and all: plmscale's padded vocabulary takes part in the softmax, so
 padding it would change the logits. The tensor-parallel size must therefore divide the checkpoint's
-vocabulary size (config validation says so); GPT-2's 50257 allows TP=1 only.
+vocabulary size (config validation says so); GPT-2's 50257 allows TP=1 only. The tokenizer is plmscale's
+SentencePiece model or none: ALBERT's spiece.model has plmscale's special ids but spells [PAD] and [UNK]
+`<pad>` and `<unk>`, and AlbertTokenizer lowercases and strips accents before SentencePiece runs, so it is
+refused like any tokenizer whose special tokens differ.
 
 The directory's config.yaml is a complete run config whose data, objective, optimizer and train sections
 are defaults to override: train from the weights with `train.init_from: DIR` (README, "Starting from
@@ -45,9 +55,10 @@ from plmscale.model import TransformerLM
 from plmscale.model_dir import TOKENIZER, save_model_dir
 from plmscale.tokenizer import Tokenizer, file_sha256
 
-# Loaded with its pre-training heads; a BERT checkpoint without the pair head (pooler + NSP) imports
-# without one.
+# Loaded with its pre-training heads; a checkpoint without the pair head (pooler + NSP / SOP classifier)
+# imports without one.
 PRETRAINING_CLASS = {
+    "albert": "AlbertForPreTraining",
     "bert": "BertForPreTraining",
     "megatron-bert": "MegatronBertForPreTraining",
     "gpt2": "GPT2LMHeadModel",
@@ -55,9 +66,21 @@ PRETRAINING_CLASS = {
 }
 # The mapping's family of each model type that is not its layout's default.
 FAMILY = {"roberta": "Roberta"}
-PAIR_HEAD_WEIGHTS = {
-    f"{m}.{k}" for m in ("bert.pooler.dense", "cls.seq_relationship") for k in ("weight", "bias")
+# (pooler, classifier) of each pair head; ALBERT's are the SOP head's.
+PAIR_HEAD = {
+    "albert": ("albert.pooler", "sop_classifier.classifier"),
+    "bert": ("bert.pooler.dense", "cls.seq_relationship"),
+    "megatron-bert": ("bert.pooler.dense", "cls.seq_relationship"),
 }
+
+
+def weight_names(*modules: str) -> set[str]:
+    return {f"{module}.{kind}" for module in modules for kind in ("weight", "bias")}
+
+
+PAIR_HEAD_WEIGHTS = set().union(*(weight_names(*modules) for modules in PAIR_HEAD.values()))
+# What a family computes whose config has no such key (transformers 5's ALBERT has none of them).
+WITHOUT_KEY = {"position_embedding_type": "absolute", "add_cross_attention": False, "is_decoder": False}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -91,8 +114,20 @@ def unrepresentable(config: PretrainedConfig) -> str | None:
         ]
     if config.model_type == "roberta":
         checks[0] = ("hidden_act", {"gelu"}, "RoBERTa's MLM head uses exact GELU, so its layers must too")
+    if config.model_type == "albert":
+        layers, hidden = config.num_hidden_layers, config.hidden_size
+        # transformers runs group int(i / (L / G)) at layer i, plmscale i * G // L: the same when G divides L
+        checks += [
+            ("inner_group_num", {1}, "a layer group of one layer: plmscale shares single blocks"),
+            (
+                "num_hidden_groups",
+                {g for g in range(1, layers + 1) if layers % g == 0},
+                f"layers share weights in equal groups, so it must divide num_hidden_layers={layers}",
+            ),
+            ("embedding_size", range(1, hidden + 1), f"the embedding is at most hidden_size={hidden} wide"),
+        ]
     for key, allowed, why in checks:
-        value = getattr(config, key, "absolute" if key == "position_embedding_type" else None)
+        value = getattr(config, key, WITHOUT_KEY.get(key))
         if value not in allowed:
             return f"{key}={value!r} ({why})"
     return None
@@ -125,9 +160,11 @@ def default_run_config(model: ModelConfig) -> RunConfig:
     )
 
 
-def load_checkpoint(directory: Path) -> tuple[transformers.PreTrainedModel, bool]:
-    """The checkpoint as its pre-training class, and whether it has a pair head; refuses a checkpoint
-    that leaves any other weight uninitialized or holds weights that the class does not use."""
+def load_checkpoint(directory: Path) -> tuple[transformers.PreTrainedModel, bool, list[str]]:
+    """The checkpoint as its pre-training class, whether it has a pair head, and the weights transformers
+    initialized: a pair head's classifier that a checkpoint with its pooler lacks (the hub's ALBERTs publish
+    no SOP classifier). Refuses a checkpoint that leaves any other weight uninitialized or holds weights that
+    the class does not use."""
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory} is not a Hugging Face checkpoint directory (no config.json)")
@@ -144,13 +181,21 @@ def load_checkpoint(directory: Path) -> tuple[transformers.PreTrainedModel, bool
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the missing pair head is reported below, in our words
     try:
-        hf, info = load_hf_model(directory, PRETRAINING_CLASS[config.model_type])
+        with torch.random.fork_rng(devices=[]):  # the same initialized classifier on every import
+            torch.manual_seed(0)
+            hf, info = load_hf_model(directory, PRETRAINING_CLASS[config.model_type])
     finally:
         transformers.logging.set_verbosity(verbosity)
     missing = set(info["missing_keys"])
-    pair_head = config.model_type in ("bert", "megatron-bert") and not missing & PAIR_HEAD_WEIGHTS
-    if missing >= PAIR_HEAD_WEIGHTS:  # no pair head at all: import the encoder and its MLM head
-        missing -= PAIR_HEAD_WEIGHTS
+    pair_head, initialized = config.model_type in PAIR_HEAD, []
+    if pair_head:
+        pooler, classifier = PAIR_HEAD[config.model_type]
+        if missing >= weight_names(pooler, classifier):  # no pair head: import the encoder and its MLM head
+            missing -= weight_names(pooler, classifier)
+            pair_head = False
+        elif missing & weight_names(pooler, classifier) == weight_names(classifier):
+            initialized = sorted(weight_names(classifier))
+            missing -= weight_names(classifier)
     problems = {
         "missing": sorted(missing),
         "unexpected": sorted(info["unexpected_keys"]),
@@ -159,7 +204,7 @@ def load_checkpoint(directory: Path) -> tuple[transformers.PreTrainedModel, bool
     problems = {what: names for what, names in problems.items() if names}
     if problems:
         raise ConfigError(f"{directory}: weights do not fit {type(hf).__name__}: {problems}")
-    return hf, pair_head
+    return hf, pair_head, initialized
 
 
 def check_all_weights_used(weights: dict[str, torch.Tensor], cfg: ModelConfig, family: str | None) -> None:
@@ -183,7 +228,7 @@ def import_hf(input_dir: str | Path, output_dir: str | Path, tokenizer: str | Pa
     source, out = Path(input_dir), Path(output_dir)
     if tokenizer is None and (source / TOKENIZER).is_file():
         tokenizer = source / TOKENIZER
-    hf, pair_head = load_checkpoint(source)
+    hf, pair_head, initialized = load_checkpoint(source)
     rows = hf.config.vocab_size
     vocab_size = rows
     if tokenizer is not None:
@@ -226,6 +271,7 @@ def import_hf(input_dir: str | Path, output_dir: str | Path, tokenizer: str | Pa
             "tokenizer": {"path": str(Path(tokenizer).resolve()), "sha256": file_sha256(tokenizer)}
             if tokenizer
             else None,
+            "initialized": initialized,
             "transformers": transformers.__version__,
             "max_logit_difference": differences,
         },

@@ -373,8 +373,8 @@ def hf_config(cfg: ModelConfig, family_name: str | None = None) -> PretrainedCon
 
 
 def model_fields_from_hf(config: PretrainedConfig) -> dict:
-    """`ModelConfig` fields from a BERT, Megatron-BERT or GPT-2 config (the inverse of `hf_config`);
-    vocabulary and pair head are the caller's, as they depend on the tokenizer and the weights."""
+    """`ModelConfig` fields from a BERT, RoBERTa, Megatron-BERT, ALBERT or GPT-2 config (the inverse of
+    `hf_config`); vocabulary and pair head are the caller's, as they depend on the tokenizer and the weights."""
     if config.model_type == "gpt2":
         return {
             "kind": "decoder",
@@ -390,11 +390,14 @@ def model_fields_from_hf(config: PretrainedConfig) -> dict:
             "attention_dropout": config.attn_pdrop,
             "init_std": config.initializer_range,
         }
-    plain = config.model_type in ("bert", "roberta")
+    plain = config.model_type in ("bert", "roberta", "albert")
     positions = config.max_position_embeddings
     if config.model_type == "roberta":  # positions start after the padding id
         positions -= config.pad_token_id + 1
-    return {
+    albert = {}
+    if config.model_type == "albert":  # the dropout of its SOP head is model.hidden_dropout
+        albert = {"embedding_size": config.embedding_size, "layer_groups": config.num_hidden_groups}
+    return albert | {
         "kind": "encoder",
         "hidden_size": config.hidden_size,
         "num_layers": config.num_hidden_layers,
