@@ -35,10 +35,13 @@ from plmscale.manifest import ManifestError  # noqa: E402
 
 
 def _run_training(args: argparse.Namespace) -> int:
-    from plmscale.parallel.distributed import world_size_from_env
     from plmscale.preflight import check_launch
 
-    world_size = args.world_size or world_size_from_env()
+    world_size = args.world_size
+    if not world_size:  # a rank, or a check of the launching process's own world (the import takes seconds)
+        from plmscale.parallel.distributed import world_size_from_env
+
+        world_size = world_size_from_env()
     # before any process group: an error is one line here, not a traceback on every rank
     cfg = check_launch(args.config, args.overrides, command=args.command, world_size=world_size)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -69,24 +72,27 @@ def _run_training(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from importlib.metadata import version
+# Each command's parser, from the module that runs it: a command imports only its own module, so that, say,
+# `plmscale prep` or a pre-launch check does not pay seconds for the model's libraries (megatron-core, ...).
+COMMANDS = {  # command: (module, function that adds its parser; None: this one's), in `--help`'s order
+    "prep": ("data_prep.cli", "add_prep_parser"),
+    "train": None,
+    "distill": None,
+    "distill-cache": ("plmscale.distill.cache_command", "add_distill_cache_parser"),
+    "export": ("plmscale.export", "add_export_parser"),
+    "import": ("plmscale.export", "add_import_parser"),
+    "eval": ("plmscale.eval", "add_eval_parser"),
+    "generate": ("plmscale.inference", "add_inference_parsers"),
+    "fill-mask": ("plmscale.inference", "add_inference_parsers"),
+    "finetune": ("plmscale.finetune", "add_finetune_parser"),
+    "compress": ("plmscale.compress", "add_compress_parser"),
+    "plan": ("plmscale.plan", "add_plan_parser"),
+    "prune": ("plmscale.prune", "add_prune_parser"),
+    "checkpoint": ("plmscale.training.checkpoint_tool", "add_checkpoint_parser"),
+}
 
-    from data_prep.cli import add_prep_parser
-    from plmscale.compress import add_compress_parser
-    from plmscale.distill.cache_command import add_distill_cache_parser
-    from plmscale.eval import add_eval_parser
-    from plmscale.export import add_export_parser, add_import_parser
-    from plmscale.finetune import add_finetune_parser
-    from plmscale.inference import add_inference_parsers
-    from plmscale.plan import add_plan_parser
-    from plmscale.prune import add_prune_parser
-    from plmscale.training.checkpoint_tool import add_checkpoint_parser
 
-    parser = argparse.ArgumentParser(prog="plmscale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('plmscale')}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_prep_parser(sub)
+def _add_training_parsers(sub) -> None:
     for name, text in (("train", "pre-train a model"), ("distill", "distill a teacher into a student")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", required=True, help="recipe YAML (launch/recipes/)")
@@ -98,21 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
             "--world-size", type=int, default=0, help="with --validate-only: processes to assume"
         )
         cmd.set_defaults(func=_run_training)
-    add_distill_cache_parser(sub)
-    add_export_parser(sub)
-    add_import_parser(sub)
-    add_eval_parser(sub)
-    add_inference_parsers(sub)
-    add_finetune_parser(sub)
-    add_compress_parser(sub)
-    add_plan_parser(sub)
-    add_prune_parser(sub)
-    add_checkpoint_parser(sub)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of `command`'s alone when it names one."""
+    from importlib import import_module
+    from importlib.metadata import version
+
+    parser = argparse.ArgumentParser(prog="plmscale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('plmscale')}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    wanted = [COMMANDS[command]] if command in COMMANDS else COMMANDS.values()
+    for entry in dict.fromkeys(wanted):  # once each: one function adds several commands
+        add = _add_training_parsers if entry is None else getattr(import_module(entry[0]), entry[1])
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(next(iter(argv), None)).parse_args(argv)
     try:
         status = args.func(args)
     except (ConfigError, UserError, ManifestError, FileNotFoundError) as err:

@@ -51,6 +51,37 @@ def shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def instance_sets(shards, tmp_path_factory) -> dict[str, Path]:
+    """Instance sets of the shards for the pair objectives (NSP, SOP), MLM and BART's denoising."""
+    from data_prep.instances.build import build_instances
+
+    root = tmp_path_factory.mktemp("pair_instances")
+    for kind in ("nsp", "sop", "mlm"):
+        build_instances(shards, kind, root / kind, params={"max_seq_length": 64}, progress=False)
+    build_instances(shards, "denoising", root / "denoising", progress=False)  # BART: no MLM fields
+    return {kind: root / kind for kind in ("nsp", "sop", "mlm", "denoising")}
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """`shared_run(name, recipe_for, nprocs)`: the output directory of a run launched once per session for the
+    test modules that read it (8 processes take a minute to start on 2 cores), `recipe_for(output_dir)` its
+    recipe. Each module asks with its own recipe: they must be the same, or the test fails."""
+    root, runs = tmp_path_factory.mktemp("shared_runs"), {}
+
+    def run(name: str, recipe_for, nprocs: int) -> Path:
+        output = root / name
+        requested = recipe_for(output), nprocs
+        if name not in runs:
+            launch(write_recipe(root / f"{name}.yaml", requested[0]), nprocs=nprocs, timeout=600)
+            runs[name] = requested
+        assert runs[name] == requested, f"run {name} asked for with another recipe: {runs[name]} {requested}"
+        return output
+
+    return run
+
+
 def tiny_recipe(shards: Path, output_dir: Path, kind: str = "encoder", **sections) -> dict:
     """A recipe small enough to train a few steps on 2 CPU processes in seconds."""
     recipe = {

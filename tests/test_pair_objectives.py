@@ -14,7 +14,6 @@ import yaml
 from conftest import REPO, launch, read_metrics, tiny_recipe, write_recipe
 from transformers import AutoConfig
 
-from data_prep.instances.build import build_instances
 from plmscale.config import ConfigError, ModelConfig, load_config
 from plmscale.eval.evaluate import evaluate
 from plmscale.export.hf import export_hf
@@ -113,15 +112,6 @@ def test_terms_are_normalized_each_by_its_own_global_count():
     assert metrics["pair_accuracy"] == 0.75
     single = term_metrics({"mlm": 60.0}, {"mlm": 20.0}, {"mlm": 5.0})
     assert single == {"loss": 3.0, "targets": 20.0, "accuracy": 0.25}  # one term: the metrics of before
-
-
-@pytest.fixture(scope="module")
-def instance_sets(shards, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pair_instances")
-    for kind in ("nsp", "sop", "mlm"):
-        build_instances(shards, kind, root / kind, params={"max_seq_length": 64}, progress=False)
-    build_instances(shards, "denoising", root / "denoising", progress=False)  # BART: no MLM fields
-    return {kind: root / kind for kind in ("nsp", "sop", "mlm", "denoising")}
 
 
 def test_preflight_checks_the_instances_carry_the_pair_labels(shards, instance_sets, tmp_path):

@@ -23,7 +23,7 @@ from conftest import (
     unlink_shared_memory,
     write_recipe,
 )
-from test_pair_objectives import PAIR_MODEL, instance_sets  # noqa: F401 - the module fixture
+from test_pair_objectives import PAIR_MODEL
 
 from plmscale.config import ConfigError, DistillConfig, ModelConfig, load_config
 from plmscale.data import BatchSource, PackedStream
@@ -38,7 +38,7 @@ from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.parallel.checkpointing import checkpoint_layers
 from plmscale.parallel.pipeline import PipelineStage, last_stage_loss, pipeline_batch, stage_parts
 
-STEPS = 5
+STEPS = 4
 CFG = ModelConfig(kind="encoder", vocab_size=250, pad_vocab_to_multiple_of=64, hidden_size=32, num_layers=4,
                   num_heads=4, max_position_embeddings=32, pair_head=True)  # fmt: skip
 
@@ -215,7 +215,12 @@ def test_bad_pipeline_layouts_are_rejected_naming_the_key(tmp_path):
 LAYOUTS = {  # processes, parallel section, extra train keys
     "one": (1, {}, {}),
     "pp2": (2, {"pipeline_parallel": 2}, {"activation_checkpointing": 1}),
-    "3d": (8, {"pipeline_parallel": 2, "tensor_parallel": 2}, {}),
+    # a checkpoint after every step: test_reshard resumes this very run (shared_run) in other layouts
+    "3d": (
+        8,
+        {"pipeline_parallel": 2, "tensor_parallel": 2},
+        {"save_interval": 1, "keep_checkpoints": STEPS},
+    ),
 }
 MODELS = {  # a decoder, an encoder with MLM and the pair head (plain BERT is the subset of it), SpanBERT
     "gpt": {"kind": "decoder"},
@@ -228,7 +233,7 @@ MODELS = {  # a decoder, an encoder with MLM and the pair head (plain BERT is th
 MODEL_LAYOUTS = {"spanbert": ("one", "pp2")}  # its heads on the last stage: what PP2 alone shows
 
 
-def _recipe(shards, instance_sets, output, model: str, layout: str, **train):  # noqa: F811
+def _recipe(shards, instance_sets, output, model: str, layout: str, **train):
     _, parallel, layout_train = LAYOUTS[layout]
     sections = dict(MODELS[model])
     if model == "bert_nsp":
@@ -245,10 +250,14 @@ def _recipe(shards, instance_sets, output, model: str, layout: str, **train):  #
     )  # fmt: skip
 
 
-def _layout_runs(shards, instance_sets, root, model: str) -> dict:  # noqa: F811
+def _layout_runs(shards, instance_sets, shared_run, root, model: str) -> dict:
     runs = {}
     for layout in MODEL_LAYOUTS.get(model, LAYOUTS):
         procs = LAYOUTS[layout][0]
+        if layout == "3d":  # the run test_reshard's chains start from
+            recipe_for = partial(_recipe, shards, instance_sets, model=model, layout=layout)
+            runs[model, layout] = shared_run(f"{model}_tp2_pp2_dp2", recipe_for, procs)
+            continue
         output = root / f"{model}_{layout}"
         recipe = _recipe(shards, instance_sets, output, model, layout)
         launch(write_recipe(root / f"{model}_{layout}.yaml", recipe), nprocs=procs, timeout=600)
@@ -258,11 +267,11 @@ def _layout_runs(shards, instance_sets, root, model: str) -> dict:  # noqa: F811
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("model", MODELS)
-def test_pipeline_layouts_train_like_one_process(shards, instance_sets, tmp_path, model):  # noqa: F811
+def test_pipeline_layouts_train_like_one_process(shards, instance_sets, shared_run, tmp_path, model):
     """PP=2 (with every layer checkpointed) and TP2 x PP2 x DP2 (SpanBERT: PP=2) follow the one-process run:
     every loss term, the held-out loss and the gradient norm (tied embeddings counted once, clipping on) agree
     to fp32 rounding; the model directory gathered from every stage and TP rank holds the same weights."""
-    layout_runs = _layout_runs(shards, instance_sets, tmp_path, model)
+    layout_runs = _layout_runs(shards, instance_sets, shared_run, tmp_path, model)
     reference = read_metrics(layout_runs[model, "one"])
     assert sorted(reference) == list(range(1, STEPS + 1))
     keys = [k for k in reference[1] if k.startswith(("loss", "targets", "pair_accuracy")) or k == "grad_norm"]
@@ -304,7 +313,7 @@ def _kill_after_checkpoint(recipe, output, step: int, timeout: int = 900) -> Non
 
 
 @pytest.mark.distributed
-def test_killed_pipelined_run_resumes_with_identical_losses(shards, instance_sets, tmp_path):  # noqa: F811
+def test_killed_pipelined_run_resumes_with_identical_losses(shards, instance_sets, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train = {"train_steps": 12, "save_interval": 6, "eval_interval": 100}
     dropout = {"hidden_dropout": 0.1, "attention_dropout": 0.1}

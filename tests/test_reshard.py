@@ -18,12 +18,13 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 from conftest import BIN, REPO, free_port, launch, read_metrics, tiny_recipe, write_recipe
 from safetensors.torch import load_file
-from test_pair_objectives import PAIR_MODEL, instance_sets  # noqa: F401 - the module fixture
+from test_pair_objectives import PAIR_MODEL
 
 from plmscale.cli import main
 from plmscale.config import ConfigError
@@ -58,7 +59,7 @@ CHAINS = {  # model: links (name, processes, parallel section, ZeRO config, what
 MODELS = {"gpt": {"kind": "decoder"}, "bert_nsp": {"model": PAIR_MODEL, "objective": {"name": "mlm_nsp"}}}
 
 
-def _recipe(shards, instance_sets, output, model: str, parallel: dict, zero: str):  # noqa: F811
+def _recipe(shards, instance_sets, output, model: str, parallel: dict, zero: str):
     sections = dict(MODELS[model])
     if model == "bert_nsp":
         sections["data"] = {"instances": str(instance_sets["nsp"])}
@@ -67,7 +68,7 @@ def _recipe(shards, instance_sets, output, model: str, parallel: dict, zero: str
         shards, output, kind=sections.pop("kind", "encoder"), parallel=parallel,
         train={"deepspeed_config": str(REPO / "ds_configs" / f"{zero}.json"), "micro_batch_size": 4,
                "global_batch_size": 16, "train_steps": steps, "save_interval": 1, "keep_checkpoints": steps,
-               "eval_interval": 100},
+               "eval_interval": steps},
         **sections,
     )  # fmt: skip
 
@@ -90,17 +91,20 @@ def layout_free_state(run, step: int) -> tuple[dict, dict[str, dict[str, torch.T
 
 
 @pytest.fixture(scope="module")
-def chains(shards, instance_sets, tmp_path_factory):  # noqa: F811
-    """{model: {link: (run directory, launcher stdout)}}, built on first use."""
+def chains(shards, instance_sets, shared_run, tmp_path_factory):
+    """{model: {link: (run directory, launcher stdout)}}, built on first use. The reference is test_pipeline's
+    TP2 x PP2 x DP2 run (the same recipe, launched once for both; its stdout is not read)."""
     root, built = tmp_path_factory.mktemp("reshard"), {}
 
     def chain(model: str) -> dict:
         if model not in built:
-            runs, previous = {}, None
-            for step, (name, procs, parallel, zero, _) in enumerate(CHAINS[model]):
+            (name, procs, parallel, zero, _), *links = CHAINS[model]
+            recipe_for = partial(_recipe, shards, instance_sets, model=model, parallel=parallel, zero=zero)
+            previous = shared_run(f"{model}_tp2_pp2_dp2", recipe_for, procs)
+            runs = {name: (previous, "")}
+            for step, (name, procs, parallel, zero, _) in enumerate(links, start=1):
                 output = root / model / name
-                if previous is not None:
-                    _take_checkpoint(previous, output, step)
+                _take_checkpoint(previous, output, step)
                 recipe = _recipe(shards, instance_sets, output, model, parallel, zero)
                 recipe = write_recipe(root / f"{model}_{name}.yaml", recipe)
                 runs[name] = output, launch(recipe, nprocs=procs, timeout=600)
@@ -191,7 +195,7 @@ def test_convert_rebuilds_the_layout_free_state_from_deepspeeds_files(chains, tm
         assert (converted / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-def test_what_may_not_change_is_refused_naming_the_key(chains, shards, instance_sets, tmp_path):  # noqa: F811
+def test_what_may_not_change_is_refused_naming_the_key(chains, shards, instance_sets, tmp_path):
     """Before launch: a checkpoint saved in another layout without its tensors; bf16 with ZeRO-0, whose fp32
     masters DeepSpeed keeps out of reach. At resume (one process): a key that fixes the run (here the global
     batch) may not change, though the layout may."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,8 +20,7 @@ from plmscale.manifest import read_manifest, verify_file
 from plmscale.objectives import IGNORE_INDEX, Objective
 from plmscale.tokenizer import PAD_ID
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # megatron-core warns that Transformer Engine and Apex are absent
+if TYPE_CHECKING:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 FORMAT = "plmscale-instances/2"
@@ -47,6 +47,9 @@ def load_instance_manifest(directory: str | Path, verify: bool = True) -> dict:
 def open_shard(directory: Path, prefix: str, fields: list[str]) -> dict[str, IndexedDataset]:
     """One indexed dataset per field (`IndexedDataset` cannot map an empty file: a field is empty only when
     the shard holds no instance, and such a shard is never opened)."""
+    with warnings.catch_warnings():  # imported when read (seconds to import)
+        warnings.simplefilter("ignore")  # megatron-core warns that Transformer Engine and Apex are absent
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
     return {field: IndexedDataset(str(directory / f"{prefix}.{field}")) for field in fields}
 
 

@@ -9,7 +9,6 @@ against the vocabulary, so corrupt bytes stop the run naming the file even with 
 from __future__ import annotations
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from plmscale.manifest import ManifestError, load_manifest, split_prefixes
 from plmscale.tokenizer import SEP_ID
@@ -19,6 +18,8 @@ class PackedStream:
     def __init__(self, prefixes: list[str], vocab_size: int, separator: int = SEP_ID):
         if not prefixes:
             raise ValueError("no shards to read")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset  # seconds to import: when read
+
         self.prefixes = prefixes
         self.datasets = [IndexedDataset(prefix) for prefix in prefixes]
         self.vocab_size, self.separator = vocab_size, separator
