@@ -107,10 +107,6 @@ def zero_config(directory: str, stage: int) -> str:
 
 def main() -> None:
     out = Path(sys.argv[1])
-    # The imports' objects (no model state among them) move out of the collector's reach: every count skips
-    # them, as each baseline subtracted them, and walking them took most of this script's time.
-    gc.collect()
-    gc.freeze()
     report = {"states": [], "tensor_parallel": []}
     with tempfile.TemporaryDirectory() as tmp:
         for tp in (1, 2, 4):
