@@ -145,7 +145,7 @@ def run_compress_command(args: argparse.Namespace) -> list[dict]:
     plot = table.plot(rows, Path(args.plot) if args.plot else output / "compress.png")
     setup = held_out | {"clock": args.clock, "threads": threads, "task": args.task}
     report = table.write_json(rows, setup, output / "compress.json")
-    print(table.describe(rows, held_out, args.clock, threads))
+    print(table.describe(rows, held_out, args.clock, threads, speed_seconds))
     print(table.format_table(rows))
     print(f"wrote {report} and {plot}")
     return rows

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from plmscale.compress.variants import Deployment, logit_parity
 from plmscale.data import BatchSource, PackedStream
 from plmscale.eval.baseline import FrequencyBaseline, training_frequencies
-from plmscale.eval.evaluate import SPEED_REPEATS, SPEED_SECONDS, evaluate
+from plmscale.eval.evaluate import SPEED_REPEATS, evaluate
 from plmscale.model_dir import TOKENIZER, WEIGHTS, load_local_model, load_run_config
 from plmscale.objectives import IGNORE_INDEX, get_objective
 from plmscale.tokenizer import Tokenizer
@@ -196,14 +196,14 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def describe(rows: list[dict], held_out: dict, clock: str, threads: int) -> str:
+def describe(rows: list[dict], held_out: dict, clock: str, threads: int, speed_seconds: float) -> str:
     what = "CPU time of this process" if clock == "cpu" else "wall time"
     return (
         f"Held-out {held_out['split']} split: {held_out['batches']} x {held_out['batch_size']} sequences of "
         f"{held_out['seq_length']}, seed {held_out['seed']}, {rows[0]['targets']:,} targets (unigram baseline "
-        f"accuracy {rows[0]['baseline_accuracy']:.4f}). Speed: forward of the trunk, best pass of {SPEED_SECONDS:g} s, at least {SPEED_REPEATS}, "
-        f"{what}, {threads} thread(s); x: ratio to {rows[0]['model']} fp32. Parity: against the same model's "
-        "fp32 logits at the held-out targets."
+        f"accuracy {rows[0]['baseline_accuracy']:.4f}). Speed: forward of the trunk, best pass of "
+        f"{speed_seconds:g} s, at least {SPEED_REPEATS}, {what}, {threads} thread(s); x: ratio to "
+        f"{rows[0]['model']} fp32. Parity: against the same model's fp32 logits at the held-out targets."
     )
 
 
