@@ -21,6 +21,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 from plmscale import model_dir
 from plmscale.config import RunConfig, save_config
@@ -41,6 +42,7 @@ from plmscale.plan import hardware_flops_per_token, model_flops_per_token
 from plmscale.preflight import check_data
 from plmscale.training import checkpoint
 from plmscale.training.guard import DivergenceGuard, TrainingDiverged, guarded_optimizer, nonfinite_to_nan
+from plmscale.training.host_memory import keep_freed_memory
 from plmscale.training.metrics import MetricsLogger
 
 # Where the distillation losses' learned projections sit in the student while it trains; not exported.
@@ -104,6 +106,8 @@ class Trainer:
         self.cfg = cfg
         self.accumulation = cfg.check_world(world_size)
         ds_config = cfg.deepspeed_config(world_size)
+        if get_accelerator().device_name() == "cpu":  # the activations are host memory
+            keep_freed_memory()
         self.topo: Topology = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
         self.pipelined = self.topo.pp_size > 1
         torch.manual_seed(cfg.train.seed)
