@@ -116,12 +116,15 @@ def launch_command(recipe: Path, nprocs: int, command: str = "train") -> list[st
     ]  # fmt: skip
 
 
-def unlink_shared_memory(command: list[str]) -> None:
-    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm segment per rank and never unlinks it, even when the
-    run ends well: a test suite would hold gigabytes of memory until reboot. Removes this launch's."""
+def unlink_shared_memory(command: list[str]) -> list[str]:
+    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm segment per rank and never unlinks it; plmscale's ranks
+    unlink theirs once all have started (`plmscale.parallel.distributed.unlink_shared_memory`), a launch that
+    fails earlier leaves them: removes and names this launch's, so that a suite does not hold gigabytes."""
     port = command[command.index("--master_port") + 1]
-    for segment in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+    segments = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    for segment in segments:
         segment.unlink(missing_ok=True)
+    return [segment.name for segment in segments]
 
 
 def launch(recipe: Path, nprocs: int = 2, command: str = "train", timeout: int = 900) -> str:
@@ -130,9 +133,10 @@ def launch(recipe: Path, nprocs: int = 2, command: str = "train", timeout: int =
     try:
         proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     finally:
-        unlink_shared_memory(argv)
+        left_behind = unlink_shared_memory(argv)
     if proc.returncode != 0:
         pytest.fail(f"launch failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+    assert not left_behind, f"a run that ended well left shared memory behind: {left_behind}"
     return proc.stdout
 
 

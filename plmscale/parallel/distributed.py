@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -57,6 +58,8 @@ def init_distributed(tensor_parallel: int, pipeline_parallel: int = 1) -> Topolo
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(dist_backend=backend)
+    if accelerator.device_name() == "cpu":
+        unlink_shared_memory()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
@@ -73,6 +76,16 @@ def init_distributed(tensor_parallel: int, pipeline_parallel: int = 1) -> Topolo
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
+
+
+def unlink_shared_memory() -> None:
+    """DeepSpeed's CPU all-reduce (ranks all on one machine) maps a 66 MB /dev/shm segment per rank and never
+    unlinks it: every run would leave world size x 66 MB of memory behind until reboot. Past a barrier, every
+    rank has mapped its peers' segments, so each unlinks its own; the mappings stay valid until exit."""
+    dist.barrier()
+    address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    segment = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{dist.get_rank()}"
+    Path("/dev/shm", segment).unlink(missing_ok=True)
 
 
 def device() -> torch.device:
