@@ -76,7 +76,7 @@ def run_worker(side: str, shapes: list[Shape], shards: Path, args) -> dict:
         "--shapes", json.dumps([asdict(s) for s in shapes]),
         "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile", str(args.profile),
         "--threads", str(args.threads), "--ds-config", args.ds_config,
-    ]  # fmt: skip
+    ] + ["--peer-keeps-memory"] * args.peer_keeps_memory  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"bench_train: the {side} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -103,9 +103,11 @@ def best_of(runs: list[dict]) -> dict:
     return best
 
 
-def print_tables(best: dict, shapes: list[Shape], device: str, load: str) -> None:
+def print_tables(best: dict, shapes: list[Shape], device: str, load: str, peer_keeps_memory: bool) -> None:
     peak = best["matmul_flops"]
     print(f"\ndevice: {device}; matmul peak measured: {peak / 1e9:,.1f} GFLOP/s; load average: {load}")
+    if peer_keeps_memory:
+        print("the peers keep freed memory as plmscale's CPU trainer does (--peer-keeps-memory)")
     print(
         "| shape | implementation | tokens/s | step ms | CPU ms | MFU | peak memory MiB | plmscale / this "
         "| same, CPU time |"
@@ -152,7 +154,7 @@ def compare(args, shards: Path, shapes: list[Shape]) -> None:
         for side in ("plmscale", "peer") if repeat % 2 == 0 else ("peer", "plmscale"):
             runs.append(run_worker(side, shapes, shards, args))
             print(f"repeat {repeat + 1}/{args.repeat}: {side} done", file=sys.stderr)
-    print_tables(best_of(runs), shapes, device, load_average())
+    print_tables(best_of(runs), shapes, device, load_average(), args.peer_keeps_memory)
 
 
 def load_average() -> str:
@@ -219,6 +221,10 @@ def main() -> None:
         help="plmscale's DeepSpeed file, ds_configs/NAME.json (one rank has nothing to partition)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (default: torch's)")
+    parser.add_argument(
+        "--peer-keeps-memory", action="store_true",
+        help="the peer's process sets glibc's malloc as plmscale's CPU trainer does (plmscale.training.host_memory)",
+    )  # fmt: skip
     parser.add_argument("--profile", type=int, default=0, help="print this many of the profiler's top ops")
     parser.add_argument("--worker", choices=["plmscale", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--shapes", help=argparse.SUPPRESS)

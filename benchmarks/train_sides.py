@@ -288,6 +288,10 @@ def worker(args) -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker == "peer" and args.peer_keeps_memory and on_cpu():
+        from plmscale.training.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     shapes = [Shape(**s) for s in json.loads(args.shapes)]
     results = {"matmul_flops": matmul_peak()} if args.worker == "plmscale" else {}
     if args.worker == "plmscale":
