@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (default: torch's)")
     parser.add_argument(
         "--peer-keeps-memory", action="store_true",
-        help="the peers' processes set glibc's malloc as plmscale's CPU trainer does (training/host_memory.py)",
+        help="the peers' processes set glibc's malloc as plmscale's CPU trainer does (host_memory.py)",
     )  # fmt: skip
     parser.add_argument("--profile", type=int, default=0, help="print this many of the profiler's top ops")
     parser.add_argument("--worker", choices=["plmscale", "peer"], help=argparse.SUPPRESS)

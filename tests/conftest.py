@@ -119,7 +119,7 @@ def launch_command(recipe: Path, nprocs: int, command: str = "train") -> list[st
 def unlink_shared_memory(command: list[str]) -> list[str]:
     """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm segment per rank and never unlinks it; plmscale's
     ranks unlink theirs once all have started (`plmscale.parallel.distributed.unlink_shared_memory`), a launch
-    that fails earlier leaves them: removes and names this launch's, so that a suite does not hold gigabytes."""
+    that fails earlier leaves them: removes and names this launch's, lest a suite hold gigabytes."""
     port = command[command.index("--master_port") + 1]
     segments = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     for segment in segments:
