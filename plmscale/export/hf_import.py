@@ -190,12 +190,13 @@ def load_checkpoint(directory: Path) -> tuple[transformers.PreTrainedModel, bool
     pair_head, initialized = config.model_type in PAIR_HEAD, []
     if pair_head:
         pooler, classifier = PAIR_HEAD[config.model_type]
-        if missing >= weight_names(pooler, classifier):  # no pair head: import the encoder and its MLM head
-            missing -= weight_names(pooler, classifier)
+        head, classifier_weights = weight_names(pooler, classifier), weight_names(classifier)
+        if missing >= head:  # no pair head: import the encoder and its MLM head
+            missing -= head
             pair_head = False
-        elif missing & weight_names(pooler, classifier) == weight_names(classifier):
-            initialized = sorted(weight_names(classifier))
-            missing -= weight_names(classifier)
+        elif missing & head == classifier_weights:
+            initialized = sorted(classifier_weights)
+            missing -= classifier_weights
     problems = {
         "missing": sorted(missing),
         "unexpected": sorted(info["unexpected_keys"]),
